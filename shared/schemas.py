@@ -28,7 +28,9 @@ class GenerateRequest(BaseModel):
     width: int | None = Field(default=None, description="Multiple of 8; model default if unset.")
     height: int | None = Field(default=None, description="Multiple of 8; model default if unset.")
     steps: int | None = Field(default=None, description="Denoising steps; model default if unset.")
-    guidance_scale: float = Field(default=5.0, description="Classifier-free guidance; <=1 disables.")
+    guidance_scale: float = Field(
+        default=5.0, description="Classifier-free guidance; <=1 disables."
+    )
     seed: int | None = Field(
         default=None, ge=0, lt=2**63, description="Seed of the first image; image i uses seed+i."
     )

@@ -55,11 +55,17 @@ class TinyPreset:
 
 PRESETS = {
     "tiny": TinyPreset(
-        unet_channels=(32, 64), unet_layers=1, text_hidden=32, text_layers=2,
+        unet_channels=(32, 64),
+        unet_layers=1,
+        text_hidden=32,
+        text_layers=2,
         vae_channels=(8, 16, 16, 16),
     ),
     "small": TinyPreset(
-        unet_channels=(320, 640), unet_layers=2, text_hidden=512, text_layers=6,
+        unet_channels=(320, 640),
+        unet_layers=2,
+        text_hidden=512,
+        text_layers=6,
         vae_channels=(64, 128, 128, 128),
     ),
 }
@@ -217,4 +223,6 @@ def build_sdxl(path: Path, preset: TinyPreset) -> None:
         num_decoder_blocks=(1, 1, 1, 1),
     )
     taesd.save_pretrained(path / "taesd", safe_serialization=True)
-    (path / "diffusion_serve.json").write_text(json.dumps({"builtin": True, "version": FORMAT_VERSION}))
+    (path / "diffusion_serve.json").write_text(
+        json.dumps({"builtin": True, "version": FORMAT_VERSION})
+    )

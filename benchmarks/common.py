@@ -1,0 +1,81 @@
+"""Shared helpers of the benchmark scripts: percentiles, the results table, JSON + PNG output."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def measure(fn: Callable[[], Any], runs: int, warmup: int) -> list[float]:
+    """Milliseconds per call of `fn`, warm-up calls excluded."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - started) * 1000)
+    return samples
+
+
+def summarize(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+
+    def pct(q: float) -> float:
+        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+    return {"p50": pct(0.5), "p90": pct(0.9), "p95": pct(0.95), "p99": pct(0.99),
+            "mean": statistics.fmean(ordered), "n": len(ordered)}
+
+
+def print_table(title: str, rows: dict[str, dict[str, float]], baseline: str) -> None:
+    base = rows[baseline]["p50"]
+    print(f"\n{title}")
+    print(f"{'path':<28}{'p50 ms':>10}{'p95 ms':>10}{'x ' + baseline:>22}")
+    for name, row in rows.items():
+        print(f"{name:<28}{row['p50']:>10.1f}{row['p95']:>10.1f}{row['p50'] / base:>22.2f}")
+
+
+def save(name: str, config: dict[str, Any], rows: dict[str, dict[str, float]],
+         baseline: str, ylabel: str = "latency p50 (ms)") -> Path:
+    """Write results/<name>.json (config echoed, percentiles, ratios) and results/<name>.png."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    base = rows[baseline]["p50"]
+    payload = {
+        "benchmark": name,
+        "config": config,
+        "machine": {"python": platform.python_version(), "machine": platform.machine(),
+                    "processor": platform.processor()},
+        "baseline": baseline,
+        "results": rows,
+        "ratios_p50": {k: v["p50"] / base for k, v in rows.items()},
+    }
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2))
+    _plot(RESULTS / f"{name}.png", name, rows, ylabel)
+    return path
+
+
+def _plot(path: Path, title: str, rows: dict[str, dict[str, float]], ylabel: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar(names, [rows[n]["p50"] for n in names], color="#4C72B0", label="p50")
+    ax.scatter(names, [rows[n]["p95"] for n in names], color="#DD8452", zorder=3, label="p95")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,113 @@
+"""ClipEncoder: SDXL's two CLIP text encoders behind a batching, caching Serve deployment.
+
+Concurrent requests are batched with `@serve.batch` into one forward pass per encoder; identical
+(model, prompt, negative) triples are answered from an LRU without touching the encoders.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from ray import serve
+from ray.serve import metrics
+from ray.serve.handle import DeploymentHandle
+
+from deployments.model_cache import fetch_components
+from shared.config import AppConfig
+from shared.errors import InvalidRequestError
+from shared.schemas import PromptEmbeddings
+from shared.text import PromptEncoder
+from shared.weights import build_module, build_tokenizer
+
+EncodeKey = tuple[str, str, str | None]
+TEXT_COMPONENTS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")
+
+
+def build_prompt_encoder(components: dict[str, Any], device: str = "cpu") -> PromptEncoder:
+    """Build a PromptEncoder from object-store components (zero-copy on CPU)."""
+    return PromptEncoder(
+        tokenizer=build_tokenizer(components["tokenizer"]),
+        tokenizer_2=build_tokenizer(components["tokenizer_2"]),
+        text_encoder=build_module(components["text_encoder"], device=device),
+        text_encoder_2=build_module(components["text_encoder_2"], device=device),
+        device=device,
+    )
+
+
+@serve.deployment(name="ClipEncoder")
+class ClipEncoder:
+    def __init__(
+        self,
+        config: AppConfig,
+        cache: DeploymentHandle,
+        encoder_builder: Callable[[dict[str, Any]], PromptEncoder] = build_prompt_encoder,
+    ) -> None:
+        self._config = config
+        self._cache = cache
+        self._build = encoder_builder
+        self._encoders: dict[str, PromptEncoder] = {}
+        self._locks = {m.id: asyncio.Lock() for m in config.models}
+        self._lru: OrderedDict[EncodeKey, PromptEmbeddings] = OrderedDict()
+        self._lru_size = config.encoder.cache_entries
+        self._encode_batch.set_max_batch_size(config.encoder.batch_max_size)
+        self._encode_batch.set_batch_wait_timeout_s(config.encoder.batch_wait_timeout_s)
+        self._cache_hits = metrics.Counter("encoder_cache_hits", description="Embedding LRU hits.")
+        self._batch_sizes = metrics.Histogram(
+            "encoder_batch_size", description="Prompts per encoder batch.", boundaries=[1, 2, 4, 8]
+        )
+
+    async def encode(self, model_id: str, prompt: str, negative: str | None) -> PromptEmbeddings:
+        """Embeddings for one prompt pair; raises InvalidRequestError for over-long prompts."""
+        key = (model_id, prompt, negative)
+        if key in self._lru:
+            self._lru.move_to_end(key)
+            self._cache_hits.inc()
+            return self._lru[key]
+        await self._encoder(model_id)
+        embeddings = await self._encode_batch(key)
+        if isinstance(embeddings, InvalidRequestError):  # batches return errors per slot
+            raise embeddings
+        self._remember(key, embeddings)
+        return embeddings
+
+    async def count_tokens(self, model_id: str, text: str) -> int:
+        return (await self._encoder(model_id)).count_tokens(text)
+
+    async def ping(self) -> str:
+        return "ok"
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def _encode_batch(
+        self, keys: list[EncodeKey]
+    ) -> list[PromptEmbeddings | InvalidRequestError]:
+        self._batch_sizes.observe(len(keys))
+        by_model: dict[str, list[int]] = {}
+        for index, (model_id, _, _) in enumerate(keys):
+            by_model.setdefault(model_id, []).append(index)
+        results: list[PromptEmbeddings | InvalidRequestError | None] = [None] * len(keys)
+        for model_id, indices in by_model.items():
+            encoder = self._encoders[model_id]
+            pairs = [(keys[i][1], keys[i][2]) for i in indices]
+            for index, embeddings in zip(indices, await asyncio.to_thread(encoder.encode, pairs)):
+                results[index] = embeddings
+        return [r for r in results if r is not None]
+
+    async def _encoder(self, model_id: str) -> PromptEncoder:
+        if model_id in self._encoders:
+            return self._encoders[model_id]
+        async with self._locks.setdefault(model_id, asyncio.Lock()):
+            if model_id not in self._encoders:
+                components = await fetch_components(self._cache, model_id, TEXT_COMPONENTS)
+                self._encoders[model_id] = await asyncio.to_thread(self._build, components)
+        return self._encoders[model_id]
+
+    def _remember(self, key: EncodeKey, embeddings: PromptEmbeddings) -> None:
+        if self._lru_size == 0:
+            return
+        self._lru[key] = embeddings
+        while len(self._lru) > self._lru_size:
+            self._lru.popitem(last=False)
+

@@ -1,0 +1,171 @@
+"""ModelCache: the owner of every model's weights in the Ray object store (the RAM cache).
+
+Objects die with their owner, so weights are `ray.put` here — in a fixed, long-lived replica —
+and never by a replica that autoscaling may remove. Replicas receive `ObjectRef`s and read the
+arrays zero-copy from their node's store; Ray copies them between nodes on first use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray import serve
+from ray.serve import metrics
+from ray.serve.handle import DeploymentHandle
+
+from shared.config import AppConfig, ModelConfig
+from shared.errors import NotFoundError, ServeError
+from shared.weights import ComponentWeights, ModelWeights, load_model
+
+logger = logging.getLogger("ray.serve")
+LOST_OBJECT_ERRORS = (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError)
+
+
+async def fetch_components(
+    cache: DeploymentHandle, model_id: str, names: tuple[str, ...]
+) -> dict[str, ComponentWeights]:
+    """Fetch components of `model_id` from the object store through the ModelCache.
+
+    A lost object (cache replica died, node gone) means "reload", never a hang: the cache is told
+    which refs were lost and reloads from the source once, however many replicas report them.
+    """
+    refs = await cache.get.remote(model_id)
+    try:
+        return await _gather(refs, names)
+    except LOST_OBJECT_ERRORS:
+        logger.warning("weights of %s were lost from the object store; reloading", model_id)
+    stale = [ref.hex() for ref in refs.values()]
+    return await _gather(await cache.get.remote(model_id, stale=stale), names)
+
+
+async def _gather(refs: dict[str, ray.ObjectRef], names: tuple[str, ...]) -> dict[str, Any]:
+    wanted = {name: refs[name] for name in names if name in refs}
+    return dict(zip(wanted, await asyncio.gather(*wanted.values())))
+
+
+@dataclass
+class CacheEntry:
+    state: str = "not_loaded"  # not_loaded | loading | cached | failed
+    refs: dict[str, ray.ObjectRef] = field(default_factory=dict)
+    nbytes: int = 0
+    error: ServeError | None = None
+    last_used: float = 0.0
+    load_seconds: float = 0.0
+
+    def describe(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"state": self.state, "bytes": self.nbytes}
+        if self.state == "cached":
+            info["load_seconds"] = round(self.load_seconds, 3)
+        if self.error is not None:
+            info["error"] = self.error.to_dict()
+        return info
+
+
+@serve.deployment(name="ModelCache")
+class ModelCache:
+    """Loads each model once, holds its components as object refs, evicts LRU past capacity."""
+
+    def __init__(self, config: AppConfig, loader: Any = load_model) -> None:
+        self._config = config
+        self._load = loader
+        self._entries = {m.id: CacheEntry() for m in config.models}
+        self._locks = {m.id: asyncio.Lock() for m in config.models}
+        self._bytes = metrics.Gauge("model_cache_bytes", description="Bytes of weights held.")
+        self._hits = metrics.Counter("model_cache_hits", description="Requests served from RAM.")
+        self._loads = metrics.Counter(
+            "model_cache_loads", description="Loads from source.", tag_keys=("model", "outcome")
+        )
+        self._load_seconds = metrics.Histogram(
+            "model_cache_load_seconds",
+            description="Seconds to read a model from its source into the object store.",
+            boundaries=[0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300],
+            tag_keys=("model",),
+        )
+        self._bytes.set(0)
+        for model in config.models:
+            if model.preload:
+                self._load_now(model)
+
+    async def get(self, model_id: str, stale: list[str] | None = None) -> dict[str, ray.ObjectRef]:
+        """Refs of every component of `model_id`, loading it once even under concurrent calls.
+
+        `stale` lists refs a replica found lost; if they are still the current ones, the model is
+        reloaded from its source (once: later reporters of the same refs get the new ones).
+        """
+        entry = self._entry(model_id)
+        async with self._locks[model_id]:
+            lost = bool(stale) and any(ref.hex() in stale for ref in entry.refs.values())
+            if entry.state == "cached" and not lost:
+                self._hits.inc()
+            else:
+                await self._load_locked(self._config.model(model_id))
+            entry.last_used = time.monotonic()
+            if entry.error is not None:
+                raise entry.error
+            return dict(entry.refs)
+
+    async def status(self) -> dict[str, dict[str, Any]]:
+        return {model_id: entry.describe() for model_id, entry in self._entries.items()}
+
+    async def ping(self) -> str:
+        return "ok"
+
+    def _entry(self, model_id: str) -> CacheEntry:
+        if model_id not in self._entries:
+            raise NotFoundError(f"model {model_id!r} is not configured", code="model_not_found")
+        return self._entries[model_id]
+
+    async def _load_locked(self, model: ModelConfig) -> None:
+        await asyncio.to_thread(self._load_now, model)
+
+    def _load_now(self, model: ModelConfig) -> None:
+        """Read and store one model; a failure is recorded (and reported), never a crash loop."""
+        entry = self._entries[model.id]
+        entry.state, entry.error = "loading", None
+        try:
+            weights = self._read(model)
+        except ServeError as exc:
+            entry.state, entry.error, entry.refs = "failed", exc, {}
+            self._loads.inc(tags={"model": model.id, "outcome": "failed"})
+            logger.error("loading model %s failed: %s", model.id, exc.message)
+            return
+        self._store(model, weights)
+
+    def _read(self, model: ModelConfig) -> tuple[ModelWeights, float]:
+        started = time.perf_counter()
+        extra = {"taesd": model.preview_decoder} if model.preview_decoder else None
+        weights = self._load(model, extra=extra)
+        return weights, time.perf_counter() - started
+
+    def _store(self, model: ModelConfig, loaded: tuple[ModelWeights, float]) -> None:
+        weights, seconds = loaded
+        entry = self._entries[model.id]
+        entry.refs = {name: ray.put(part) for name, part in weights.components.items()}
+        entry.nbytes, entry.load_seconds, entry.state = weights.nbytes, seconds, "cached"
+        entry.last_used = time.monotonic()
+        self._loads.inc(tags={"model": model.id, "outcome": "loaded"})
+        self._load_seconds.observe(seconds, tags={"model": model.id})
+        self._evict(keep=model.id)
+        self._bytes.set(sum(e.nbytes for e in self._entries.values() if e.state == "cached"))
+        logger.info("model %s cached: %.1f MB in %.2f s", model.id, weights.nbytes / 1e6, seconds)
+
+    def _evict(self, keep: str) -> None:
+        """Drop least-recently-used models past capacity.
+
+        Replicas that already built modules keep their zero-copy views: a deserialized array
+        pins its object in the store, so eviction only stops *new* replicas from reusing it.
+        """
+        capacity = self._config.cache.capacity_bytes
+        cached = [(e.last_used, i) for i, e in self._entries.items() if e.state == "cached"]
+        for _, model_id in sorted(cached):
+            if sum(e.nbytes for e in self._entries.values() if e.state == "cached") <= capacity:
+                break
+            if model_id != keep:
+                logger.info("evicting model %s from the object store", model_id)
+                evicted = self._entries[model_id]
+                evicted.state, evicted.refs, evicted.nbytes = "not_loaded", {}, 0

@@ -1,0 +1,275 @@
+"""Router: the only HTTP ingress, and the handle API other Ray apps call.
+
+It validates requests at the edge, picks the backend by `model`, asks ClipEncoder for embeddings,
+streams SDXLPipeline's events back (JSON, NDJSON or SSE), and maps every failure onto one error
+envelope. It holds no model and imports no torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from shared.config import AppConfig, ModelConfig
+from shared.errors import (
+    BusyError,
+    InvalidRequestError,
+    NotFoundError,
+    ServeError,
+    UnavailableError,
+    find_serve_error,
+)
+from shared.samplers import SCHEDULER_NAMES
+from shared.schemas import (
+    DenoiseJob,
+    ErrorBody,
+    ErrorEvent,
+    GenerateRequest,
+    GenerateResponse,
+    ModelCard,
+    ResultEvent,
+    StepEvent,
+)
+from shared.streaming import encode_event, pick_stream_type
+from shared.validation import parse_body, parse_request, resolve_request
+
+logger = logging.getLogger("ray.serve")
+READY_TIMEOUT_S = 5.0
+BUSY_RETRY_AFTER_S = 1
+
+Event = StepEvent | ResultEvent | ErrorEvent
+app = FastAPI(title="diffusion-serve", version="0.1.0", docs_url="/docs", redoc_url=None)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    error = NotFoundError(f"{request.method} {request.url.path}: {exc.detail}")
+    error.status = exc.status_code
+    return _error_response(error, _request_id(request))
+
+
+@serve.deployment(name="Router")
+@serve.ingress(app)
+class Router:
+    def __init__(
+        self,
+        config: AppConfig,
+        encoder: DeploymentHandle,
+        pipeline: DeploymentHandle,
+        cache: DeploymentHandle,
+    ) -> None:
+        self._config = config
+        self._local: dict[str, ModelConfig] = {m.id: m for m in config.models}
+        self._encoder = encoder
+        self._pipeline = pipeline
+        self._cache = cache
+
+    # ---- HTTP API -------------------------------------------------------------------------
+
+    @app.post("/v1/generate")
+    async def http_generate(self, request: Request) -> Response:
+        request_id = _request_id(request)
+        try:
+            body = parse_body(await request.body(), self._config.limits.max_body_bytes)
+            generate = parse_request(body)
+            if not generate.stream:
+                response = await self._generate(generate, request_id)
+                return JSONResponse(response.model_dump(), headers={"x-request-id": request_id})
+            media_type = pick_stream_type(request.headers.get("accept"))
+            events = self._events(generate, request_id)
+            # Errors before the first event (validation, encoding, back-pressure) still get a
+            # real status code; after it, they can only be an `error` event in the stream.
+            first = await anext(events)
+        except Exception as exc:
+            return _error_response(_to_serve_error(exc, request_id), request_id)
+        return StreamingResponse(
+            _encode_stream(first, events, media_type, request_id),
+            media_type=media_type,
+            headers={"x-request-id": request_id, "cache-control": "no-cache",
+                     "x-accel-buffering": "no"},
+        )
+
+    @app.get("/v1/models")
+    async def http_models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [card.model_dump() for card in await self.models()]}
+
+    @app.get("/healthz")
+    async def http_healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def http_readyz(self) -> JSONResponse:
+        report = await self.readiness()
+        return JSONResponse(report, status_code=200 if report["ready"] else 503)
+
+    # ---- handle API (other Ray apps) ------------------------------------------------------
+
+    async def generate(self, request: GenerateRequest | dict[str, Any]) -> GenerateResponse:
+        """Generate and return the whole response; raises a ServeError subclass on failure."""
+        request_id = _new_request_id()
+        try:
+            return await self._generate(parse_request(request), request_id)
+        except Exception as exc:
+            raise _to_serve_error(exc, request_id) from None
+
+    async def stream(self, request: GenerateRequest | dict[str, Any]) -> AsyncIterator[Event]:
+        """Yield StepEvents then a ResultEvent; a failure is the last event, an ErrorEvent."""
+        request_id = _new_request_id()
+        try:
+            async for event in self._events(parse_request(request), request_id):
+                yield event
+        except Exception as exc:
+            yield _error_event(_to_serve_error(exc, request_id), request_id)
+
+    async def models(self) -> list[ModelCard]:
+        states = await self._cache.status.remote()
+        return [
+            ModelCard(
+                id=model.id,
+                backend="local",
+                loaded=states.get(model.id, {}).get("state") == "cached",
+                state=states.get(model.id, {}),
+            )
+            for model in self._config.models
+        ]
+
+    async def readiness(self) -> dict[str, Any]:
+        checks = {"ClipEncoder": self._encoder, "SDXLPipeline": self._pipeline,
+                  "ModelCache": self._cache}
+        results = await asyncio.gather(*(_ping(h) for h in checks.values()))
+        backends = dict(zip(checks, results))
+        models = {card.id: card.state for card in await self.models()} if backends[
+            "ModelCache"] == "ok" else {}
+        ready = all(r == "ok" for r in results) and not any(
+            s.get("state") == "failed" for s in models.values()
+        )
+        return {"ready": ready, "backends": backends, "models": models}
+
+    # ---- internals ------------------------------------------------------------------------
+
+    async def _generate(self, request: GenerateRequest, request_id: str) -> GenerateResponse:
+        async for event in self._events(request, request_id):
+            if isinstance(event, ResultEvent):
+                return event.to_response()
+        raise UnavailableError("the backend finished without a result")
+
+    async def _events(self, request: GenerateRequest, request_id: str) -> AsyncIterator[Event]:
+        started = time.time()
+        model = self._model(request.model)
+        request = resolve_request(request, model, self._config.limits, SCHEDULER_NAMES)
+        job = await self._prepare_job(request, model, request_id, started)
+        events = self._pipeline.options(stream=True, multiplexed_model_id=model.id).stream.remote(
+            job
+        )
+        try:
+            async for event in events:
+                if isinstance(event, ResultEvent):
+                    event.model = request.model
+                    event.timings.encode_ms = job.timings["encode_ms"]
+                    event.timings.total_ms = (time.time() - started) * 1000
+                yield event
+        finally:
+            events.cancel()
+
+    async def _prepare_job(
+        self, request: GenerateRequest, model: ModelConfig, request_id: str, started: float
+    ) -> DenoiseJob:
+        assert request.seed is not None and request.width and request.height and request.steps
+        embeddings = await self._encoder.encode.remote(
+            model.id, request.prompt, request.negative_prompt
+        )
+        return DenoiseJob(
+            id=request_id,
+            model=model.id,
+            embeddings=embeddings,
+            width=request.width,
+            height=request.height,
+            steps=request.steps,
+            guidance_scale=request.guidance_scale,
+            seeds=[request.seed + i for i in range(request.n)],
+            scheduler=request.scheduler,
+            preview=request.preview if request.stream else "none",
+            preview_every=request.preview_every,
+            preview_max_side=self._config.limits.preview_max_side,
+            output_format=request.output_format,
+            created_at=time.time(),
+            timings={"encode_ms": (time.time() - started) * 1000},
+        )
+
+    def _model(self, model_id: str) -> ModelConfig:
+        model = self._local.get(model_id)
+        if model is None:
+            known = ", ".join(sorted(self._local))
+            raise InvalidRequestError(
+                f"unknown model {model_id!r}; available models: {known}",
+                code="model_not_found",
+                param="model",
+            )
+        return model
+
+
+async def _encode_stream(
+    first: Event, rest: AsyncIterator[Event], media_type: str, request_id: str
+) -> AsyncIterator[str]:
+    """Encode events for the wire; a failure mid-stream becomes a final `error` event."""
+    yield encode_event(first, media_type)
+    try:
+        async for event in rest:
+            yield encode_event(event, media_type)
+    except Exception as exc:
+        yield encode_event(_error_event(_to_serve_error(exc, request_id), request_id), media_type)
+    finally:
+        await rest.aclose()
+
+
+async def _ping(handle: DeploymentHandle) -> str:
+    try:
+        return await asyncio.wait_for(handle.ping.remote(), READY_TIMEOUT_S)
+    except Exception as exc:
+        return f"unavailable: {type(exc).__name__}"
+
+
+def _to_serve_error(exc: BaseException, request_id: str) -> ServeError:
+    found = find_serve_error(exc)
+    if found is not None:
+        return found
+    if isinstance(exc, BackPressureError):
+        return BusyError(
+            f"every replica is busy and the queue is full; retry in {BUSY_RETRY_AFTER_S} s"
+        )
+    if isinstance(exc, DeploymentUnavailableError):
+        return UnavailableError("a backend deployment is unavailable; retry later")
+    logger.exception("request %s failed", request_id, exc_info=exc)
+    return ServeError(f"internal error (request id {request_id})")
+
+
+def _error_response(error: ServeError, request_id: str) -> JSONResponse:
+    headers = {"x-request-id": request_id}
+    if isinstance(error, BusyError):
+        headers["retry-after"] = str(BUSY_RETRY_AFTER_S)
+    return JSONResponse({"error": error.to_dict()}, status_code=error.status, headers=headers)
+
+
+def _error_event(error: ServeError, request_id: str) -> ErrorEvent:
+    return ErrorEvent(id=request_id, error=ErrorBody(**error.to_dict()))
+
+
+def _request_id(request: Request) -> str:
+    given = request.headers.get("x-request-id", "")
+    return given if given.isprintable() and 0 < len(given) <= 64 else _new_request_id()
+
+
+def _new_request_id() -> str:
+    return f"gen-{uuid.uuid4().hex[:20]}"
+

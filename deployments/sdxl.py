@@ -1,0 +1,159 @@
+"""SDXLPipeline: UNet + VAE on one GPU (or the CPU), multiplexed by model id, streaming steps.
+
+The denoising loop runs in a worker thread; each step's event crosses back to the replica's event
+loop with `call_soon_threadsafe`. When the caller goes away Serve cancels the generator at its
+`await`, the `finally` sets the job's flag, and the loop stops before its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ray import serve
+from ray.serve import metrics
+from ray.serve.handle import DeploymentHandle
+
+from deployments.model_cache import fetch_components
+from shared.config import AppConfig
+from shared.engine import SDXLEngine
+from shared.errors import GenerationError, RequestCancelledError
+from shared.schemas import DenoiseJob, ResultEvent, StepEvent
+from shared.weights import build_module, build_scheduler_config
+
+ENGINE_COMPONENTS = ("unet", "vae", "scheduler", "taesd")
+RECENT_JOBS = 256
+_DONE = object()
+
+
+def pick_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_engine(components: dict[str, Any], dtype_name: str, device: str) -> SDXLEngine:
+    """Build an engine from object-store components: zero-copy on CPU, one copy on a GPU."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    taesd = components.get("taesd")
+    return SDXLEngine(
+        unet=build_module(components["unet"], device=device, dtype=dtype),
+        vae=build_module(components["vae"], device=device, dtype=torch.float32),
+        scheduler_config=build_scheduler_config(components["scheduler"]),
+        preview_decoder=build_module(taesd, device=device, dtype=torch.float32) if taesd else None,
+        device=device,
+        dtype=dtype,
+    )
+
+
+@serve.deployment(name="SDXLPipeline")
+class SDXLPipeline:
+    def __init__(
+        self,
+        config: AppConfig,
+        cache: DeploymentHandle,
+        engine_builder: Callable[[dict[str, Any], str, str], SDXLEngine] = build_engine,
+    ) -> None:
+        self._config = config
+        self._cache = cache
+        self._build = engine_builder
+        self._device = pick_device()
+        # One GPU job at a time per replica: concurrent jobs would only fight for the same SMs.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="denoise")
+        self._jobs: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._steps = metrics.Counter("sdxl_steps", description="Denoising steps executed.")
+        self._outcomes = metrics.Counter(
+            "sdxl_jobs", description="Finished jobs by outcome.", tag_keys=("outcome",)
+        )
+        self._step_seconds = metrics.Histogram(
+            "sdxl_step_seconds",
+            description="Seconds per denoising step.",
+            boundaries=[0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2],
+        )
+
+    @serve.multiplexed(max_num_models_per_replica=2)
+    async def get_engine(self, model_id: str) -> SDXLEngine:
+        model = self._config.model(model_id)
+        if model is None:
+            raise GenerationError(f"model {model_id!r} is not served by this deployment")
+        components = await fetch_components(self._cache, model_id, ENGINE_COMPONENTS)
+        return await asyncio.to_thread(self._build, components, model.dtype, self._device)
+
+    async def stream(self, job: DenoiseJob) -> AsyncIterator[StepEvent | ResultEvent]:
+        """Run one job, yielding a StepEvent per step and finally the ResultEvent."""
+        engine = await self.get_engine(job.model)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        cancelled = threading.Event()
+        record = self._track(job.id)
+
+        def emit(event: StepEvent) -> None:
+            record["steps"] += 1
+            self._steps.inc()
+            self._step_seconds.observe(event.step_ms / 1000)
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        def run() -> None:
+            job.timings["queue_ms"] = (time.time() - job.created_at) * 1000
+            try:
+                outcome: Any = engine.run(job, emit, cancelled.is_set)
+            except BaseException as exc:  # handed to the event loop and re-raised there
+                outcome = exc
+            loop.call_soon_threadsafe(queue.put_nowait, outcome)
+            loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+
+        loop.run_in_executor(self._executor, run)
+        status = "cancelled"  # unless the loop below finishes or fails on its own
+        try:
+            while (item := await queue.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+            status = "done"
+        except RequestCancelledError:
+            raise
+        except Exception:
+            status = "failed"
+            raise
+        finally:
+            cancelled.set()
+            record["status"] = status
+            self._outcomes.inc(tags={"outcome": status})
+
+    async def generate(self, job: DenoiseJob) -> ResultEvent:
+        result = None
+        async for event in self.stream(job):
+            if isinstance(event, ResultEvent):
+                result = event
+        if result is None:
+            raise GenerationError("the engine finished without a result")
+        return result
+
+    async def job_stats(self, job_id: str) -> dict[str, Any] | None:
+        """Steps executed and outcome of a recent job on this replica (None if unknown)."""
+        record = self._jobs.get(job_id)
+        return dict(record) if record is not None else None
+
+    async def ping(self) -> str:
+        return "ok"
+
+    def _track(self, job_id: str) -> dict[str, Any]:
+        record = {"steps": 0, "status": "running", "replica": _replica_id()}
+        self._jobs[job_id] = record
+        while len(self._jobs) > RECENT_JOBS:
+            self._jobs.popitem(last=False)
+        return record
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside a replica (direct construction in tests)
+        return "local"

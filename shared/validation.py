@@ -1,0 +1,119 @@
+"""Request validation at the edge: JSON body → GenerateRequest → limits of the configured model.
+
+Every failure is an `InvalidRequestError`/`MalformedRequestError` naming the field (`param`) and
+saying what is allowed. Nothing is silently "fixed": a height of 1000 is refused, not rounded.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterable
+from typing import Any
+
+from pydantic import ValidationError
+
+from shared.config import LimitsConfig, ModelConfig
+from shared.errors import InvalidRequestError, MalformedRequestError, PayloadTooLargeError
+from shared.schemas import GenerateRequest
+
+
+def parse_body(body: bytes, max_bytes: int) -> dict[str, Any]:
+    """Decode a JSON object body, refusing oversized or malformed input with a 4xx."""
+    if len(body) > max_bytes:
+        raise PayloadTooLargeError(f"request body is {len(body)} bytes; the limit is {max_bytes}")
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MalformedRequestError(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise MalformedRequestError("request body must be a JSON object")
+    return data
+
+
+def parse_request(data: dict[str, Any] | GenerateRequest) -> GenerateRequest:
+    """Build a GenerateRequest, turning pydantic's error into our picklable one."""
+    if isinstance(data, GenerateRequest):
+        return data
+    try:
+        return GenerateRequest.model_validate(data)
+    except ValidationError as exc:
+        raise _from_validation_error(exc) from None
+
+
+def _from_validation_error(exc: ValidationError) -> InvalidRequestError:
+    first = exc.errors(include_url=False)[0]
+    param = ".".join(str(part) for part in first["loc"]) or None
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        allowed = ", ".join(GenerateRequest.model_fields)
+        return InvalidRequestError(
+            f"unknown field {param!r}; allowed fields: {allowed}", code="unknown_field", param=param
+        )
+    if kind == "missing":
+        return InvalidRequestError(f"{param} is required", code="missing_field", param=param)
+    return InvalidRequestError(f"{param}: {first['msg']}", code="invalid_value", param=param)
+
+
+def resolve_request(
+    request: GenerateRequest,
+    model: ModelConfig,
+    limits: LimitsConfig,
+    schedulers: Iterable[str],
+) -> GenerateRequest:
+    """Fill the model's defaults and enforce configured limits; returns a complete request."""
+    filled = request.model_copy(
+        update={
+            "width": request.width if request.width is not None else model.default_width,
+            "height": request.height if request.height is not None else model.default_height,
+            "steps": request.steps if request.steps is not None else model.default_steps,
+            "scheduler": request.scheduler or model.default_scheduler,
+            "seed": request.seed if request.seed is not None else secrets.randbelow(2**32),
+        }
+    )
+    _check_size(filled, limits)
+    _check_range("steps", filled.steps, 1, limits.max_steps)
+    _check_range("n", filled.n, 1, limits.max_n)
+    _check_range("guidance_scale", filled.guidance_scale, 0.0, limits.max_guidance_scale)
+    _check_range("preview_every", filled.preview_every, 1, limits.max_steps)
+    for name in ("prompt", "negative_prompt"):
+        text = getattr(filled, name)
+        if text is not None and len(text) > limits.max_prompt_chars:
+            raise InvalidRequestError(
+                f"{name} is {len(text)} characters long; the limit is {limits.max_prompt_chars}",
+                code="prompt_too_long",
+                param=name,
+            )
+    allowed = tuple(schedulers)
+    if filled.scheduler is not None and filled.scheduler not in allowed:
+        raise InvalidRequestError(
+            f"unknown scheduler {filled.scheduler!r}; choose one of: {', '.join(allowed)}",
+            code="unknown_scheduler",
+            param="scheduler",
+        )
+    return filled
+
+
+def _check_size(request: GenerateRequest, limits: LimitsConfig) -> None:
+    for name in ("width", "height"):
+        value = getattr(request, name)
+        if value % 8 or not limits.min_side <= value <= limits.max_side:
+            raise InvalidRequestError(
+                f"{name} must be a multiple of 8 between {limits.min_side} and "
+                f"{limits.max_side}; got {value}",
+                param=name,
+            )
+    pixels = request.width * request.height
+    if pixels > limits.max_pixels:
+        raise InvalidRequestError(
+            f"width*height is {pixels} pixels; the limit is {limits.max_pixels}",
+            code="too_many_pixels",
+            param="width",
+        )
+
+
+def _check_range(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise InvalidRequestError(
+            f"{name} must be between {low} and {high}; got {value}", param=name
+        )

@@ -1,0 +1,114 @@
+"""App-args validation (the checked-in YAML files included) and request validation at the edge."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shared.config import AppConfig, LimitsConfig, ModelConfig
+from shared.errors import InvalidRequestError, MalformedRequestError, PayloadTooLargeError
+from shared.samplers import SCHEDULER_NAMES
+from shared.schemas import GenerateRequest
+from shared.validation import parse_body, parse_request, resolve_request
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = [REPO / "serve_config.yaml", *sorted((REPO / "cluster").glob("serve_config*.yaml"))]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_checked_in_configs_validate(path: Path) -> None:
+    config = yaml.safe_load(path.read_text())
+    for app in config["applications"]:
+        assert app["import_path"] == "deployments.app:build_app"
+        parsed = AppConfig.model_validate(app["args"])
+        options = parsed.pipeline_deployment.serve_options()
+        assert options["max_queued_requests"] > 0
+        assert options["graceful_shutdown_timeout_s"] > 0
+
+
+def test_default_config_is_cpu_tiny_with_autoscaling() -> None:
+    args = yaml.safe_load((REPO / "serve_config.yaml").read_text())["applications"][0]["args"]
+    parsed = AppConfig.model_validate(args)
+    assert [m.source for m in parsed.models] == ["tiny"]
+    pipeline = parsed.pipeline_deployment.serve_options()
+    assert pipeline["ray_actor_options"]["num_gpus"] == 0
+    assert pipeline["autoscaling_config"]["min_replicas"] == 1
+    assert pipeline["autoscaling_config"]["max_replicas"] == 2
+
+
+def test_typos_fail_with_the_field_name() -> None:
+    with pytest.raises(ValueError, match="max_stepz"):
+        AppConfig.model_validate({"models": [{"id": "t", "source": "tiny"}],
+                                  "limits": {"max_stepz": 3}})
+    with pytest.raises(ValueError, match="unique"):
+        AppConfig.model_validate({"models": [{"id": "t", "source": "tiny"}] * 2})
+    with pytest.raises(ValueError, match="min_side"):
+        LimitsConfig(min_side=512, max_side=256)
+
+
+MODEL = ModelConfig(id="tiny", source="tiny", default_width=64, default_height=64,
+                    default_steps=8)
+LIMITS = LimitsConfig(max_side=512, max_pixels=512 * 512, max_steps=50, max_n=4)
+
+
+def resolve(**fields: object) -> GenerateRequest:
+    request = parse_request({"model": "tiny", "prompt": "a cat", **fields})
+    return resolve_request(request, MODEL, LIMITS, SCHEDULER_NAMES)
+
+
+def test_defaults_come_from_the_model() -> None:
+    request = resolve()
+    assert (request.width, request.height, request.steps) == (64, 64, 8)
+    assert request.seed is not None and request.scheduler is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "fragment"),
+    [
+        ({"height": 1000}, "height", "multiple of 8 between 64 and 512; got 1000"),
+        ({"width": 520}, "width", "got 520"),
+        ({"steps": 51}, "steps", "between 1 and 50"),
+        ({"n": 5}, "n", "between 1 and 4"),
+        ({"guidance_scale": -1}, "guidance_scale", "got -1"),
+        ({"scheduler": "bogus"}, "scheduler", "euler"),
+        ({"prompt": "p" * 2001}, "prompt", "2001 characters"),
+    ],
+)
+def test_limits_are_enforced_with_teaching_messages(
+    fields: dict, param: str, fragment: str
+) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        resolve(**fields)
+    assert info.value.param == param and fragment in info.value.message
+    assert info.value.status == 422
+
+
+def test_pixel_budget_is_separate_from_sides() -> None:
+    limits = LimitsConfig(max_side=512, max_pixels=256 * 256)
+    request = parse_request({"model": "tiny", "prompt": "a", "width": 512, "height": 512})
+    with pytest.raises(InvalidRequestError, match="262144 pixels"):
+        resolve_request(request, MODEL, limits, SCHEDULER_NAMES)
+
+
+def test_schema_errors_become_picklable_errors() -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        parse_request({"model": "tiny", "prompt": "a", "stepz": 3})
+    assert info.value.code == "unknown_field" and info.value.param == "stepz"
+    clone = pickle.loads(pickle.dumps(info.value))
+    assert type(clone) is InvalidRequestError and clone.to_dict() == info.value.to_dict()
+    with pytest.raises(InvalidRequestError) as missing:
+        parse_request({"model": "tiny"})
+    assert missing.value.code == "missing_field" and missing.value.param == "prompt"
+
+
+def test_bodies_are_parsed_strictly() -> None:
+    assert parse_body(b'{"a": 1}', 100) == {"a": 1}
+    with pytest.raises(MalformedRequestError):
+        parse_body(b"{oops", 100)
+    with pytest.raises(MalformedRequestError):
+        parse_body(b"[]", 100)
+    with pytest.raises(PayloadTooLargeError):
+        parse_body(b" " * 101, 100)
