@@ -1,0 +1,375 @@
+"""The SDXL denoising engine: prepare → denoise (one step hook) → decode, on injected modules.
+
+It reproduces diffusers' `StableDiffusionXLPipeline` text-to-image path step for step (same
+noise, same scheduler calls, same VAE postprocessing), so its pixels equal diffusers' for the
+same inputs, but it owns the loop: a `StepEvent` after every step, previews every k steps,
+cooperative cancellation before every step. It is synchronous; the deployment runs it in a
+worker thread. Modules are passed in built, so the production path can load them from the object
+store and tests can pass the tiny model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+from shared.errors import InvalidRequestError, RequestCancelledError
+from shared.imaging import IMAGE_FORMATS, encode_image, to_pil
+from shared.previews import (
+    LatentRGBDecoder,
+    PreviewDecoder,
+    TinyVAEDecoder,
+    VAEDecoder,
+    place_module,
+    render_previews,
+)
+from shared.samplers import SAMPLERS, SCHEDULER_NAMES
+from shared.schemas import DenoiseJob, GeneratedImage, ResultEvent, StepEvent, Timings
+
+PREVIEW_KINDS = ("none", "latent", "tiny", "full")
+
+StepHook = Callable[[StepEvent], None]
+
+
+def build_scheduler(name: str | None, config: dict[str, Any]) -> SchedulerMixin:
+    """A fresh scheduler (they keep per-run state) for `name`; None is the checkpoint's own."""
+    if name is None:
+        class_name, overrides = str(config.get("_class_name", "EulerDiscreteScheduler")), {}
+    elif name in SAMPLERS:
+        class_name, overrides = SAMPLERS[name]
+    else:
+        raise InvalidRequestError(
+            f"scheduler must be one of {', '.join(SCHEDULER_NAMES)}; got {name!r}",
+            code="unknown_scheduler",
+            param="scheduler",
+        )
+    scheduler_class = getattr(diffusers, class_name)
+    return scheduler_class.from_config(config, **overrides)
+
+
+@dataclass
+class Conditioning:
+    """UNet conditioning for a batch, negatives first when guidance is on (diffusers' order)."""
+
+    prompt_embeds: torch.Tensor
+    text_embeds: torch.Tensor
+    time_ids: torch.Tensor
+    guidance_scale: float
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.guidance_scale > 1.0
+
+
+@dataclass
+class Sampling:
+    """Per-job sampler state: the scheduler, its timesteps and the per-image generators."""
+
+    scheduler: SchedulerMixin
+    timesteps: torch.Tensor
+    generators: list[torch.Generator]
+    step_kwargs: dict[str, Any]
+
+
+class SDXLEngine:
+    """Runs DenoiseJobs on one device with the modules it is given."""
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        scheduler_config: dict[str, Any],
+        preview_decoder: AutoencoderTiny | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.unet = place_module(unet, self.device, dtype)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.scheduler_config = dict(scheduler_config)
+        build_scheduler(None, self.scheduler_config)  # a bad config fails here, not per request
+        self.vae_decoder = VAEDecoder(vae, self.device)
+        tiny = (
+            TinyVAEDecoder(preview_decoder, self.device, dtype)
+            if preview_decoder is not None
+            else None
+        )
+        self.previewers: dict[str, PreviewDecoder | None] = {
+            "latent": LatentRGBDecoder(),
+            "tiny": tiny,
+            "full": self.vae_decoder,
+        }
+        self._steps_lock = threading.Lock()
+        self._steps_run = 0
+
+    @classmethod
+    def from_pretrained_dir(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> SDXLEngine:
+        """Load unet/vae/scheduler (and `taesd/` when present) from a diffusers folder."""
+        path = Path(path)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32)
+        config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+        taesd = None
+        if (path / "taesd" / "config.json").is_file():
+            taesd = AutoencoderTiny.from_pretrained(path / "taesd", torch_dtype=dtype)
+        return cls(unet, vae, config, preview_decoder=taesd, device=device, dtype=dtype)
+
+    @property
+    def steps_run(self) -> int:
+        """Denoising steps this engine has completed, over all jobs and threads."""
+        with self._steps_lock:
+            return self._steps_run
+
+    def run(self, job: DenoiseJob, emit: StepHook, cancelled: Callable[[], bool]) -> ResultEvent:
+        """Generate the job's images; `emit` gets a StepEvent after each step.
+
+        Everything a request can get wrong is checked before the first step, so a stream never
+        fails mid-way on bad input.
+        """
+        self._check_job(job)
+        previewer = self._previewer(job.preview)
+        scheduler = build_scheduler(job.scheduler, self.scheduler_config)
+        with torch.inference_mode():
+            started = time.perf_counter()
+            latents = self._denoise(job, scheduler, previewer, emit, cancelled)
+            denoised = time.perf_counter()
+            _raise_if_cancelled(job, cancelled)
+            images = self._encode_images(job, self.vae_decoder(latents))
+            decoded = time.perf_counter()
+        return ResultEvent(
+            id=job.id,
+            model=job.model,
+            backend="local",
+            images=images,
+            timings=_timings(job, (denoised - started) * 1000, (decoded - denoised) * 1000),
+        )
+
+    def _check_job(self, job: DenoiseJob) -> None:
+        factor = self.vae_scale_factor
+        for name, value in (("width", job.width), ("height", job.height)):
+            if value <= 0 or value % factor:
+                raise InvalidRequestError(
+                    f"{name} must be a positive multiple of {factor}; got {value}", param=name
+                )
+        if job.steps < 1:
+            raise InvalidRequestError(f"steps must be at least 1; got {job.steps}", param="steps")
+        if not job.seeds:
+            raise InvalidRequestError("at least one seed (one image) is required", param="n")
+        if job.output_format not in IMAGE_FORMATS:
+            raise InvalidRequestError(
+                f"output_format must be one of {', '.join(IMAGE_FORMATS)}; "
+                f"got {job.output_format!r}",
+                param="output_format",
+            )
+        if job.preview_every < 1 or job.preview_max_side < 1:
+            raise InvalidRequestError(
+                "preview_every and preview_max_side must be at least 1", param="preview_every"
+            )
+
+    def _previewer(self, kind: str) -> PreviewDecoder | None:
+        if kind == "none":
+            return None
+        if kind not in self.previewers:
+            raise InvalidRequestError(
+                f"preview must be one of {', '.join(PREVIEW_KINDS)}; got {kind!r}", param="preview"
+            )
+        previewer = self.previewers[kind]
+        if previewer is None:
+            raise InvalidRequestError(
+                f"preview {kind!r} is not available for this model (no tiny autoencoder loaded); "
+                "use 'latent' or 'full'",
+                code="preview_unavailable",
+                param="preview",
+            )
+        return previewer
+
+    # -- prepare ---------------------------------------------------------------------------
+
+    def _conditioning(self, job: DenoiseJob) -> Conditioning:
+        """Embeddings repeated per image, CFG-concatenated, with SDXL's size micro-conditioning."""
+        count = len(job.seeds)
+        embeddings = job.embeddings
+        prompt = self._batch(embeddings.prompt_embeds, count)
+        pooled = self._batch(embeddings.pooled_prompt_embeds, count)
+        # original_size, crops_coords_top_left, target_size: diffusers' defaults for text-to-image.
+        time_ids = torch.tensor(
+            [[job.height, job.width, 0, 0, job.height, job.width]], dtype=self.dtype
+        )
+        if job.guidance_scale > 1.0:
+            negative = self._batch(embeddings.negative_prompt_embeds, count)
+            negative_pooled = self._batch(embeddings.negative_pooled_prompt_embeds, count)
+            prompt = torch.cat([negative, prompt])
+            pooled = torch.cat([negative_pooled, pooled])
+            time_ids = torch.cat([time_ids, time_ids])
+        time_ids = time_ids.to(self.device).repeat(count, 1)
+        return Conditioning(prompt, pooled, time_ids, job.guidance_scale)
+
+    def _batch(self, array: np.ndarray, count: int) -> torch.Tensor:
+        if array.shape[0] != 1:
+            raise ValueError(f"embeddings must have batch dimension 1; got shape {array.shape}")
+        # torch.tensor copies: arrays from the object store are read-only.
+        tensor = torch.tensor(np.asarray(array), device=self.device).to(self.dtype)
+        return tensor.repeat_interleave(count, dim=0)
+
+    def _sampling(self, job: DenoiseJob, scheduler: SchedulerMixin) -> Sampling:
+        scheduler.set_timesteps(job.steps, device=self.device)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in job.seeds]
+        return Sampling(
+            scheduler, scheduler.timesteps, generators, _step_kwargs(scheduler, generators)
+        )
+
+    def _initial_latents(self, job: DenoiseJob, sampling: Sampling) -> torch.Tensor:
+        """Noise from one CPU generator per image, as diffusers' randn_tensor draws it."""
+        shape = (
+            len(job.seeds),
+            self.unet.config.in_channels,
+            job.height // self.vae_scale_factor,
+            job.width // self.vae_scale_factor,
+        )
+        noise = randn_tensor(
+            shape, generator=sampling.generators, device=self.device, dtype=self.dtype
+        )
+        return noise * sampling.scheduler.init_noise_sigma
+
+    # -- denoise ---------------------------------------------------------------------------
+
+    def _denoise(
+        self,
+        job: DenoiseJob,
+        scheduler: SchedulerMixin,
+        previewer: PreviewDecoder | None,
+        emit: StepHook,
+        cancelled: Callable[[], bool],
+    ) -> torch.Tensor:
+        conditioning = self._conditioning(job)
+        sampling = self._sampling(job, scheduler)
+        latents = self._initial_latents(job, sampling)
+        total = len(sampling.timesteps)
+        started = time.perf_counter()
+        for index, timestep in enumerate(sampling.timesteps, start=1):
+            _raise_if_cancelled(job, cancelled)
+            step_started = time.perf_counter()
+            latents, predicted = self._step(sampling, timestep, latents, conditioning)
+            self._synchronize()
+            step_ms = (time.perf_counter() - step_started) * 1000
+            self._count_step()
+            previews = []
+            if previewer is not None and (index % job.preview_every == 0 or index == total):
+                shown = predicted if predicted is not None else latents
+                size = (job.width, job.height)
+                previews = render_previews(previewer, shown, size, job.preview_max_side)
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            event = StepEvent(
+                id=job.id,
+                index=index,
+                total=total,
+                elapsed_ms=elapsed_ms,
+                step_ms=step_ms,
+                previews=previews,
+            )
+            emit(event)
+        return latents
+
+    def _step(
+        self,
+        sampling: Sampling,
+        timestep: torch.Tensor,
+        latents: torch.Tensor,
+        conditioning: Conditioning,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One UNet call plus one scheduler step; also returns the scheduler's x0 prediction
+        (when it makes one), which previews far better than the still-noisy latents."""
+        scheduler = sampling.scheduler
+        model_input = torch.cat([latents] * 2) if conditioning.uses_cfg else latents
+        model_input = scheduler.scale_model_input(model_input, timestep)
+        noise = self.unet(
+            model_input,
+            timestep,
+            encoder_hidden_states=conditioning.prompt_embeds,
+            timestep_cond=None,
+            added_cond_kwargs={
+                "text_embeds": conditioning.text_embeds,
+                "time_ids": conditioning.time_ids,
+            },
+            return_dict=False,
+        )[0]
+        if conditioning.uses_cfg:
+            uncond, text = noise.chunk(2)
+            noise = uncond + conditioning.guidance_scale * (text - uncond)
+        output = scheduler.step(noise, timestep, latents, **sampling.step_kwargs, return_dict=True)
+        return output.prev_sample, getattr(output, "pred_original_sample", None)
+
+    def _synchronize(self) -> None:
+        # CUDA runs ahead of Python: without a sync, step timings and the cancellation check
+        # would describe queued work rather than finished work.
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _count_step(self) -> None:
+        with self._steps_lock:
+            self._steps_run += 1
+
+    # -- decode ----------------------------------------------------------------------------
+
+    def _encode_images(self, job: DenoiseJob, pixels: np.ndarray) -> list[GeneratedImage]:
+        images = []
+        for array, seed in zip(pixels, job.seeds, strict=True):
+            img = to_pil(array)
+            images.append(
+                GeneratedImage(
+                    b64=encode_image(img, job.output_format),
+                    format=job.output_format,
+                    width=img.width,
+                    height=img.height,
+                    seed=seed,
+                )
+            )
+        return images
+
+
+def _step_kwargs(scheduler: SchedulerMixin, generators: list[torch.Generator]) -> dict[str, Any]:
+    """eta and generator where `step` takes them, exactly as diffusers' prepare_extra_step_kwargs:
+    ancestral and SDE samplers draw their per-step noise from the per-image generators."""
+    accepted = inspect.signature(scheduler.step).parameters
+    kwargs: dict[str, Any] = {}
+    if "eta" in accepted:
+        kwargs["eta"] = 0.0
+    if "generator" in accepted:
+        kwargs["generator"] = generators
+    return kwargs
+
+
+def _raise_if_cancelled(job: DenoiseJob, cancelled: Callable[[], bool]) -> None:
+    if cancelled():
+        raise RequestCancelledError(f"request {job.id} was cancelled")
+
+
+def _timings(job: DenoiseJob, denoise_ms: float, decode_ms: float) -> Timings:
+    """Upstream timings (queue, encode) carried over; this engine's stages filled in."""
+    upstream = {
+        key: float(value)
+        for key, value in job.timings.items()
+        if key in Timings.model_fields and key not in ("denoise_ms", "decode_ms")
+    }
+    return Timings(**upstream, denoise_ms=denoise_ms, decode_ms=decode_ms)
