@@ -52,6 +52,61 @@ Event = StepEvent | ResultEvent | ErrorEvent
 app = FastAPI(title="diffusion-serve", version="0.1.0", docs_url="/docs", redoc_url=None)
 
 
+async def _encode_stream(
+    first: Event, rest: AsyncIterator[Event], media_type: str, request_id: str
+) -> AsyncIterator[str]:
+    """Encode events for the wire; a failure mid-stream becomes a final `error` event."""
+    yield encode_event(first, media_type)
+    try:
+        async for event in rest:
+            yield encode_event(event, media_type)
+    except Exception as exc:
+        yield encode_event(_error_event(_to_serve_error(exc, request_id), request_id), media_type)
+    finally:
+        await rest.aclose()
+
+
+async def _ping(handle: DeploymentHandle) -> str:
+    try:
+        return await asyncio.wait_for(handle.ping.remote(), READY_TIMEOUT_S)
+    except Exception as exc:
+        return f"unavailable: {type(exc).__name__}"
+
+
+def _to_serve_error(exc: BaseException, request_id: str) -> ServeError:
+    found = find_serve_error(exc)
+    if found is not None:
+        return found
+    if isinstance(exc, BackPressureError):
+        return BusyError(
+            f"every replica is busy and the queue is full; retry in {BUSY_RETRY_AFTER_S} s"
+        )
+    if isinstance(exc, DeploymentUnavailableError):
+        return UnavailableError("a backend deployment is unavailable; retry later")
+    logger.exception("request %s failed", request_id, exc_info=exc)
+    return ServeError(f"internal error (request id {request_id})")
+
+
+def _error_response(error: ServeError, request_id: str) -> JSONResponse:
+    headers = {"x-request-id": request_id}
+    if isinstance(error, BusyError):
+        headers["retry-after"] = str(BUSY_RETRY_AFTER_S)
+    return JSONResponse({"error": error.to_dict()}, status_code=error.status, headers=headers)
+
+
+def _error_event(error: ServeError, request_id: str) -> ErrorEvent:
+    return ErrorEvent(id=request_id, error=ErrorBody(**error.to_dict()))
+
+
+def _request_id(request: Request) -> str:
+    given = request.headers.get("x-request-id", "")
+    return given if given.isprintable() and 0 < len(given) <= 64 else _new_request_id()
+
+
+def _new_request_id() -> str:
+    return f"gen-{uuid.uuid4().hex[:20]}"
+
+
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     error = NotFoundError(f"{request.method} {request.url.path}: {exc.detail}")
@@ -217,59 +272,3 @@ class Router:
                 param="model",
             )
         return model
-
-
-async def _encode_stream(
-    first: Event, rest: AsyncIterator[Event], media_type: str, request_id: str
-) -> AsyncIterator[str]:
-    """Encode events for the wire; a failure mid-stream becomes a final `error` event."""
-    yield encode_event(first, media_type)
-    try:
-        async for event in rest:
-            yield encode_event(event, media_type)
-    except Exception as exc:
-        yield encode_event(_error_event(_to_serve_error(exc, request_id), request_id), media_type)
-    finally:
-        await rest.aclose()
-
-
-async def _ping(handle: DeploymentHandle) -> str:
-    try:
-        return await asyncio.wait_for(handle.ping.remote(), READY_TIMEOUT_S)
-    except Exception as exc:
-        return f"unavailable: {type(exc).__name__}"
-
-
-def _to_serve_error(exc: BaseException, request_id: str) -> ServeError:
-    found = find_serve_error(exc)
-    if found is not None:
-        return found
-    if isinstance(exc, BackPressureError):
-        return BusyError(
-            f"every replica is busy and the queue is full; retry in {BUSY_RETRY_AFTER_S} s"
-        )
-    if isinstance(exc, DeploymentUnavailableError):
-        return UnavailableError("a backend deployment is unavailable; retry later")
-    logger.exception("request %s failed", request_id, exc_info=exc)
-    return ServeError(f"internal error (request id {request_id})")
-
-
-def _error_response(error: ServeError, request_id: str) -> JSONResponse:
-    headers = {"x-request-id": request_id}
-    if isinstance(error, BusyError):
-        headers["retry-after"] = str(BUSY_RETRY_AFTER_S)
-    return JSONResponse({"error": error.to_dict()}, status_code=error.status, headers=headers)
-
-
-def _error_event(error: ServeError, request_id: str) -> ErrorEvent:
-    return ErrorEvent(id=request_id, error=ErrorBody(**error.to_dict()))
-
-
-def _request_id(request: Request) -> str:
-    given = request.headers.get("x-request-id", "")
-    return given if given.isprintable() and 0 < len(given) <= 64 else _new_request_id()
-
-
-def _new_request_id() -> str:
-    return f"gen-{uuid.uuid4().hex[:20]}"
-

@@ -53,6 +53,13 @@ def build_engine(components: dict[str, Any], dtype_name: str, device: str) -> SD
     )
 
 
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside a replica (direct construction in tests)
+        return "local"
+
+
 @serve.deployment(name="SDXLPipeline")
 class SDXLPipeline:
     def __init__(
@@ -150,10 +157,3 @@ class SDXLPipeline:
         while len(self._jobs) > RECENT_JOBS:
             self._jobs.popitem(last=False)
         return record
-
-
-def _replica_id() -> str:
-    try:
-        return serve.get_replica_context().replica_id.unique_id
-    except Exception:  # outside a replica (direct construction in tests)
-        return "local"

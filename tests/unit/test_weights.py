@@ -1,0 +1,541 @@
+"""shared/weights.py: sources, safetensors parsing, integrity checks and zero-copy module builds.
+
+No Ray: pickling a component stands in for the object store. S3 runs against a real S3-protocol
+server on loopback (moto), whose request log shows how many times each object was fetched.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from safetensors.torch import load_file, save_file
+
+from shared.config import ModelConfig
+from shared.errors import ModelLoadError
+from shared.weights import (
+    SDXL_COMPONENTS,
+    ComponentWeights,
+    TensorBlob,
+    build_module,
+    build_scheduler_config,
+    build_tokenizer,
+    load_component,
+    load_model,
+    open_source,
+    parse_safetensors,
+)
+
+if TYPE_CHECKING:
+    from tests.s3_server import S3Server
+
+pytest_plugins = ["tests.s3_server"]  # fixtures s3_server, s3_tiny_url
+
+MODULES = ("unet", "vae", "text_encoder", "text_encoder_2", "taesd")
+VAE_FILE = "vae/diffusion_pytorch_model.safetensors"
+
+
+def _config(**kwargs: Any) -> ModelConfig:
+    return ModelConfig(**{"id": "m", "source": "tiny", **kwargs})
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tiny_model_dir: Path) -> Any:
+    return load_model(_config(), extra={"taesd": "taesd"})
+
+
+def _copy_component(tiny_model_dir: Path, tmp_path: Path, name: str) -> Path:
+    shutil.copytree(tiny_model_dir / name, tmp_path / name)
+    return tmp_path / name
+
+
+def _load(root: Path, name: str, **config: Any) -> ComponentWeights:
+    return load_component(LocalFileSystem(), str(root), name, _config(**config))
+
+
+def _reference(folder: Path, weights: ComponentWeights) -> torch.nn.Module:
+    """The same component loaded the usual way, by diffusers or transformers."""
+    import diffusers
+    import transformers
+
+    library = diffusers if weights.library == "diffusers" else transformers
+    return getattr(library, weights.class_name).from_pretrained(folder).eval()
+
+
+def _forward(name: str, module: Any) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+
+    def noise(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator)
+
+    with torch.no_grad():
+        if name == "unet":
+            extra = {"text_embeds": noise(1, 32), "time_ids": noise(1, 6)}
+            out = module(noise(1, 4, 16, 16), 10, noise(1, 8, 64), added_cond_kwargs=extra)
+            return [out.sample]
+        if name in ("vae", "taesd"):
+            return [module.decode(noise(1, 4, 8, 8)).sample]
+        out = module(torch.tensor([[977, 353, 532, 530, 978]]))
+        return [out[0], out[1]]
+
+
+def _errors(call: Any) -> ModelLoadError:
+    with pytest.raises(ModelLoadError) as info:
+        call()
+    return info.value
+
+
+# --------------------------------------------------------------------------- round trip, local
+
+
+def test_tiny_loads_every_component_as_plain_data(tiny_weights: Any) -> None:
+    assert set(tiny_weights.components) == {*SDXL_COMPONENTS, "taesd"}
+    unet = tiny_weights.components["unet"]
+    assert (unet.library, unet.class_name) == ("diffusers", "UNet2DConditionModel")
+    assert tiny_weights.components["text_encoder_2"].class_name == "CLIPTextModelWithProjection"
+    assert tiny_weights.components["taesd"].class_name == "AutoencoderTiny"
+    tokenizer = tiny_weights.components["tokenizer"]
+    assert not tokenizer.tensors and "tokenizer.json" in tokenizer.files
+    assert all(b.data.dtype == np.uint8 and b.data.ndim == 1 for b in unet.tensors.values())
+    assert tiny_weights.nbytes == sum(c.nbytes for c in tiny_weights.components.values()) > 6e6
+    copy = pickle.loads(pickle.dumps(unet, protocol=5))
+    assert copy.tensors.keys() == unet.tensors.keys()
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_built_module_matches_from_pretrained(
+    name: str, tiny_weights: Any, tiny_model_dir: Path
+) -> None:
+    weights = tiny_weights.components[name]
+    module = build_module(weights)
+    reference = _reference(tiny_model_dir / name, weights)
+    assert not module.training and not any(p.requires_grad for p in module.parameters())
+    for ours, theirs in zip(_forward(name, module), _forward(name, reference), strict=True):
+        assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("name", ["unet", "text_encoder"])
+def test_cpu_build_shares_memory_with_the_arrays(name: str, tiny_weights: Any) -> None:
+    # A pickle round trip stands in for ray.put/ray.get: the arrays are then not the file's bytes.
+    weights = pickle.loads(pickle.dumps(tiny_weights.components[name], protocol=5))
+    module = build_module(weights)
+    state = module.state_dict()
+    for key, blob in weights.tensors.items():
+        start = blob.data.ctypes.data
+        assert state[key].data_ptr() == start, key
+        assert state[key].untyped_storage().nbytes() <= blob.data.nbytes
+    # Non-persistent buffers (CLIP's position_ids) are real tensors, not meta.
+    assert not any(t.is_meta for t in [*module.parameters(), *module.buffers()])
+
+
+def test_same_dtype_on_cpu_is_still_zero_copy(tiny_weights: Any) -> None:
+    weights = tiny_weights.components["vae"]  # SDXLPipeline asks for its VAE in float32
+    module = build_module(weights, device="cpu", dtype=torch.float32)
+    state = module.state_dict()
+    assert all(state[k].data_ptr() == b.data.ctypes.data for k, b in weights.tensors.items())
+
+
+def test_legacy_clip_checkpoint_keys_are_renamed_like_transformers(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # SDXL's real text_encoder checkpoints name tensors `text_model.…` (and older ones carry the
+    # non-persistent position_ids); transformers 5's CLIPTextModel has neither in its state dict.
+    folder = tmp_path / "text_encoder"
+    folder.mkdir()
+    shutil.copy(tiny_model_dir / "text_encoder" / "config.json", folder)
+    state = load_file(tiny_model_dir / "text_encoder" / "model.safetensors")
+    legacy = {f"text_model.{k}": v for k, v in state.items()}
+    legacy["text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    save_file(legacy, folder / "model.safetensors")
+
+    weights = _load(tmp_path, "text_encoder")
+    module = build_module(weights)
+    reference = _reference(folder, weights)
+    for ours, theirs in zip(
+        _forward("text_encoder", module), _forward("text_encoder", reference), strict=True
+    ):
+        assert torch.equal(ours, theirs)
+    blob = weights.tensors["text_model.final_layer_norm.weight"]
+    assert module.state_dict()["final_layer_norm.weight"].data_ptr() == blob.data.ctypes.data
+
+
+def test_state_dict_mismatches_are_named(tiny_weights: Any) -> None:
+    weights = tiny_weights.components["text_encoder"]
+    extra = copy.copy(weights)
+    extra.tensors = {**weights.tensors, "bogus.weight": _blob(torch.ones(2))}
+    error = _errors(lambda: build_module(extra))
+    assert error.code == "weights_mismatch" and "bogus.weight" in error.message
+
+    missing = copy.copy(weights)
+    dropped = "final_layer_norm.weight"
+    missing.tensors = {k: v for k, v in weights.tensors.items() if k != dropped}
+    error = _errors(lambda: build_module(missing))
+    assert error.code == "missing_weights" and dropped in error.message
+
+
+def _blob(tensor: torch.Tensor) -> TensorBlob:
+    from safetensors.torch import save
+
+    return parse_safetensors(save({"t": tensor.contiguous()}), "t.safetensors")["t"]
+
+
+def test_any_fsspec_url_is_a_source(tiny_model_dir: Path) -> None:
+    memory = fsspec.filesystem("memory")
+    memory.put(str(tiny_model_dir / "model_index.json"), "/weights-test/model_index.json")
+    memory.put(str(tiny_model_dir / "vae"), "/weights-test/vae", recursive=True)
+    weights = load_model(_config(source="memory://weights-test"), components=("vae",))
+    reference = load_model(_config(), components=("vae",)).components["vae"]
+    assert weights.components["vae"].tensors.keys() == reference.tensors.keys()
+    assert all(
+        np.array_equal(weights.components["vae"].tensors[k].data, b.data)
+        for k, b in reference.tensors.items()
+    )
+
+
+def test_cast_on_build_copies_and_leaves_the_arrays_alone(tiny_weights: Any) -> None:
+    weights = tiny_weights.components["vae"]
+    before = {k: b.data.copy() for k, b in weights.tensors.items()}
+    module = build_module(weights, dtype=torch.float16)
+    assert {p.dtype for p in module.parameters()} == {torch.float16}
+    pointers = {b.data.ctypes.data for b in weights.tensors.values()}
+    assert not any(p.data_ptr() in pointers for p in module.parameters())
+    assert all(np.array_equal(before[k], b.data) for k, b in weights.tensors.items())
+
+
+def test_tokenizer_and_scheduler_rebuild(tiny_weights: Any, tiny_model_dir: Path) -> None:
+    from diffusers import EulerDiscreteScheduler
+    from transformers import CLIPTokenizer
+
+    prompt = "a photo of a cat riding a dragon"
+    for name in ("tokenizer", "tokenizer_2"):
+        ours = build_tokenizer(tiny_weights.components[name])
+        theirs = CLIPTokenizer.from_pretrained(tiny_model_dir / name)
+        assert ours(prompt).input_ids == theirs(prompt).input_ids
+        assert ours.pad_token == theirs.pad_token
+    config = build_scheduler_config(tiny_weights.components["scheduler"])
+    scheduler = EulerDiscreteScheduler.from_config(config)
+    assert config["_class_name"] == "EulerDiscreteScheduler"
+    assert scheduler.config.timestep_spacing == "leading"
+
+
+# ------------------------------------------------------------------------------ formats
+
+
+def test_bf16_round_trip_is_lossless(tiny_model_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "text_encoder"
+    folder.mkdir()
+    shutil.copy(tiny_model_dir / "text_encoder" / "config.json", folder)
+    original = load_file(tiny_model_dir / "text_encoder" / "model.safetensors")
+    bf16 = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in original.items()}
+    save_file(bf16, folder / "model.safetensors")
+
+    weights = pickle.loads(pickle.dumps(_load(tmp_path, "text_encoder")))
+    assert {b.dtype for b in weights.tensors.values()} == {"BF16"}
+    module = build_module(weights)
+    state = module.state_dict()
+    for key, tensor in bf16.items():
+        assert state[key].dtype == torch.bfloat16
+        assert torch.equal(state[key].view(torch.int16), tensor.view(torch.int16)), key
+
+
+def test_parser_keeps_every_dtype_bit_exact() -> None:
+    from safetensors.torch import save
+
+    tensors = {
+        "bf16": torch.randn(3, 5).to(torch.bfloat16),
+        "f16": torch.randn(7).half(),
+        "i64": torch.arange(4),
+        "flag": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 3),
+    }
+    blobs = parse_safetensors(save(tensors), "mixed.safetensors")
+    weights = ComponentWeights("x", "diffusers", "X", {}, blobs)
+    from shared.weights import _tensor_view
+
+    for key, tensor in tensors.items():
+        view = _tensor_view(weights.tensors[key])
+        assert view.dtype == tensor.dtype and view.shape == tensor.shape
+        assert torch.equal(view, tensor), key
+
+
+def test_sharded_checkpoint_loads_like_the_single_file(
+    tiny_weights: Any, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "unet"
+    folder.mkdir()
+    shutil.copy(tiny_model_dir / "unet" / "config.json", folder)
+    state = load_file(tiny_model_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    keys = sorted(state)
+    shards = {
+        "diffusion_pytorch_model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+        "diffusion_pytorch_model-00002-of-00002.safetensors": keys[len(keys) // 2 :],
+    }
+    for shard, shard_keys in shards.items():
+        save_file({k: state[k] for k in shard_keys}, folder / shard)
+    weight_map = {k: shard for shard, ks in shards.items() for k in ks}
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+    sharded = _load(tmp_path, "unet")
+    single = tiny_weights.components["unet"]
+    assert sharded.tensors.keys() == single.tensors.keys()
+    for key, blob in single.tensors.items():
+        assert np.array_equal(sharded.tensors[key].data, blob.data), key
+    build_module(sharded)
+
+    weight_map["not.in.any.shard"] = next(iter(shards))
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    error = _errors(lambda: _load(tmp_path, "unet"))
+    assert error.code == "missing_file" and "not.in.any.shard" in error.message
+
+
+def test_variant_is_preferred_and_missing_variant_falls_back(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    for folder, stem in (("vae", "diffusion_pytorch_model"), ("text_encoder", "model")):
+        state = load_file(model / folder / f"{stem}.safetensors")
+        save_file(
+            {k: v.half() for k, v in state.items()}, model / folder / f"{stem}.fp16.safetensors"
+        )
+
+    fp16 = load_model(
+        _config(source=str(model), variant="fp16"), components=("vae", "text_encoder", "unet")
+    )
+    assert {b.dtype for b in fp16.components["vae"].tensors.values()} == {"F16"}
+    assert {b.dtype for b in fp16.components["text_encoder"].tensors.values()} == {"F16"}
+    assert {b.dtype for b in fp16.components["unet"].tensors.values()} == {"F32"}  # no fp16 file
+    full = load_model(_config(source=f"file://{model}"), components=("vae",))
+    assert {b.dtype for b in full.components["vae"].tensors.values()} == {"F32"}
+    build_module(fp16.components["text_encoder"])
+
+
+# ------------------------------------------------------------------------------ integrity
+
+
+def test_truncated_file_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    weights_file = (
+        _copy_component(tiny_model_dir, tmp_path, "vae") / "diffusion_pytorch_model.safetensors"
+    )
+    data = weights_file.read_bytes()
+    weights_file.write_bytes(data[:-10])
+    error = _errors(lambda: _load(tmp_path, "vae"))
+    assert error.code == "truncated"
+    assert (
+        "diffusion_pytorch_model.safetensors" in error.message and str(len(data)) in error.message
+    )
+
+    weights_file.write_bytes(data[:5])  # not even the header length survived
+    assert _errors(lambda: _load(tmp_path, "vae")).code == "truncated"
+    weights_file.write_bytes(b"PK\x03\x04 this is a zip file, not safetensors")
+    assert _errors(lambda: _load(tmp_path, "vae")).code == "corrupt_file"
+
+
+def test_pickle_weights_are_refused_unless_allowed(
+    tiny_weights: Any, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    folder = _copy_component(tiny_model_dir, tmp_path, "vae")
+    state = load_file(folder / "diffusion_pytorch_model.safetensors")
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save(state, folder / "diffusion_pytorch_model.bin")
+
+    error = _errors(lambda: _load(tmp_path, "vae"))
+    assert error.code == "pickle_refused"
+    assert "safetensors" in error.message and "allow_pickle" in error.message
+
+    weights = _load(tmp_path, "vae", allow_pickle=True)
+    reference = tiny_weights.components["vae"]
+    assert {k: (b.dtype, b.shape) for k, b in weights.tensors.items()} == {
+        k: (b.dtype, b.shape) for k, b in reference.tensors.items()
+    }
+    ours = _forward("vae", build_module(weights))
+    assert torch.equal(ours[0], _forward("vae", build_module(reference))[0])
+
+
+def test_sha256_verified_and_mismatch_named(tiny_model_dir: Path) -> None:
+    digest = hashlib.sha256((tiny_model_dir / VAE_FILE).read_bytes()).hexdigest()
+    ok = load_model(_config(sha256={VAE_FILE: digest.upper()}), components=("vae",))
+    assert "vae" in ok.components
+
+    wrong = "0" * 64
+    error = _errors(lambda: load_model(_config(sha256={VAE_FILE: wrong}), components=("vae",)))
+    assert error.code == "checksum_mismatch"
+    assert VAE_FILE in error.message and wrong in error.message and digest in error.message
+
+    typo = {"vae/diffusion_pytorch_model.fp16.safetensors": digest}
+    error = _errors(lambda: load_model(_config(sha256=typo), components=("vae",)))
+    assert error.code == "checksum_unverified" and "fp16" in error.message
+
+
+# ------------------------------------------------------------------------------ sources
+
+
+def test_missing_sources_and_components(tiny_model_dir: Path, tmp_path: Path) -> None:
+    error = _errors(lambda: load_model(_config(source=str(tmp_path / "nowhere"))))
+    assert error.code == "model_not_found" and "nowhere" in error.message
+    assert _errors(lambda: open_source("not a source!")).code == "model_not_found"
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model, ignore=shutil.ignore_patterns("vae"))
+    error = _errors(lambda: load_model(_config(source=str(model)), components=("vae",)))
+    assert error.code == "missing_file" and "vae" in error.message
+
+    error = _errors(lambda: load_model(_config(source=str(model)), components=("transformer",)))
+    assert error.code == "missing_file" and "transformer" in error.message
+    # model_index.json declares image_encoder empty ([null, null]): left out, as diffusers does.
+    assert not load_model(_config(source=str(model)), components=("image_encoder",)).components
+
+
+def test_missing_extra_is_absent_not_an_error(tiny_model_dir: Path) -> None:
+    weights = load_model(
+        _config(), components=("scheduler",), extra={"taesd": "taesd", "other": "no-org/no-model"}
+    )
+    assert set(weights.components) == {"scheduler", "taesd"}
+
+
+def test_extra_from_another_source(tiny_model_dir: Path) -> None:
+    weights = load_model(
+        _config(), components=("scheduler",), extra={"preview": str(tiny_model_dir / "taesd")}
+    )
+    assert weights.components["preview"].class_name == "AutoencoderTiny"
+
+
+def test_hub_id_offline_fails_fast_with_a_clear_error() -> None:
+    started = time.monotonic()
+    error = _errors(lambda: open_source("some-org/some-model"))
+    assert time.monotonic() - started < 10
+    assert error.code == "model_not_found"
+    assert "some-org/some-model" in error.message and "HF_HUB_OFFLINE" in error.message
+
+
+def test_hub_id_served_from_the_local_cache_offline(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # The Hub cache as a download leaves it: refs/main -> snapshots/<commit>/, whose entries are
+    # symlinks into blobs/.
+    repo = tmp_path / "models--some-org--tiny-sdxl"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "blobs").mkdir(parents=True)
+    for file in (f for f in tiny_model_dir.rglob("*") if f.is_file()):
+        blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+        shutil.copy(file, blob)
+        link = repo / "snapshots" / commit / file.relative_to(tiny_model_dir)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    config = _config(source="some-org/tiny-sdxl", storage_options={"cache_dir": str(tmp_path)})
+    weights = load_model(config, components=("vae", "tokenizer"), extra={"taesd": "taesd"})
+    assert set(weights.components) == {"vae", "tokenizer", "taesd"}
+
+
+# ------------------------------------------------------------------------------ S3
+
+
+def _only(*folders: str) -> Any:
+    """An upload filter keeping model_index.json and the given component folders."""
+
+    def keep(rel: str, data: bytes) -> bytes | None:
+        return data if rel == "model_index.json" or rel.split("/")[0] in folders else None
+
+    return keep
+
+
+def test_s3_load_matches_local_and_reads_each_object_once(
+    s3_server: S3Server, s3_tiny_url: str, tiny_weights: Any
+) -> None:
+    s3_server.clear_log()
+    config = _config(source=s3_tiny_url, storage_options=s3_server.storage_options())
+    remote = load_model(config, extra={"taesd": "taesd"})
+
+    assert remote.components.keys() == tiny_weights.components.keys()
+    for name, local in tiny_weights.components.items():
+        ours = remote.components[name]
+        assert (ours.class_name, ours.config, ours.files) == (
+            local.class_name,
+            local.config,
+            local.files,
+        )
+        for key, blob in local.tensors.items():
+            assert ours.tensors[key].dtype == blob.dtype
+            assert np.array_equal(ours.tensors[key].data, blob.data), (name, key)
+    gets = s3_server.object_gets(s3_tiny_url)
+    assert len(gets) == len(set(gets)) == 16  # model_index + 15 component files, once each
+
+
+def test_s3_missing_objects(s3_server: S3Server, tiny_model_dir: Path) -> None:
+    options = s3_server.storage_options()
+    missing_prefix = _errors(
+        lambda: load_model(_config(source="s3://models/absent", storage_options=options))
+    )
+    assert missing_prefix.code == "model_not_found"
+    assert "s3://models/absent/model_index.json" in missing_prefix.message
+
+    url = "s3://models/no-vae-weights"
+    keep = _only("vae")
+    s3_server.upload_folder(
+        tiny_model_dir, url, lambda rel, data: None if rel == VAE_FILE else keep(rel, data)
+    )
+    error = _errors(
+        lambda: load_model(_config(source=url, storage_options=options), components=("vae",))
+    )
+    assert error.code == "missing_file" and f"{url}/vae" in error.message
+
+
+def test_s3_checksum_mismatch(s3_server: S3Server, tiny_model_dir: Path) -> None:
+    url = "s3://models/checksum"
+    s3_server.upload_folder(tiny_model_dir, url, _only("vae"))
+    digest = hashlib.sha256((tiny_model_dir / VAE_FILE).read_bytes()).hexdigest()
+    options = s3_server.storage_options()
+
+    ok = load_model(
+        _config(source=url, storage_options=options, sha256={VAE_FILE: digest}), components=("vae",)
+    )
+    assert "vae" in ok.components
+    bad = _config(source=url, storage_options=options, sha256={VAE_FILE: "f" * 64})
+    error = _errors(lambda: load_model(bad, components=("vae",)))
+    assert (
+        error.code == "checksum_mismatch" and VAE_FILE in error.message and digest in error.message
+    )
+
+
+def test_s3_truncated_object(s3_server: S3Server, tiny_model_dir: Path) -> None:
+    url = "s3://models/truncated"
+    keep = _only("vae")
+    s3_server.upload_folder(
+        tiny_model_dir,
+        url,
+        lambda rel, data: data[: len(data) // 2] if rel == VAE_FILE else keep(rel, data),
+    )
+    config = _config(source=url, storage_options=s3_server.storage_options())
+    error = _errors(lambda: load_model(config, components=("vae",)))
+    assert error.code == "truncated" and f"{url}/{VAE_FILE}" in error.message
+
+
+def test_s3_unreachable_endpoint_fails_fast_without_echoing_credentials(
+    s3_server: S3Server,
+) -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    secret = "do-not-print-this-secret"
+    options = s3_server.storage_options(
+        endpoint_url=f"http://127.0.0.1:{port}", key="AKIAEXAMPLE", secret=secret
+    )
+    started = time.monotonic()
+    error = _errors(lambda: load_model(_config(source="s3://models/tiny", storage_options=options)))
+    assert time.monotonic() - started < 15
+    assert error.code == "source_unreachable" and secret not in error.message
