@@ -31,8 +31,14 @@ def summarize(samples: list[float]) -> dict[str, float]:
     def pct(q: float) -> float:
         return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
-    return {"p50": pct(0.5), "p90": pct(0.9), "p95": pct(0.95), "p99": pct(0.99),
-            "mean": statistics.fmean(ordered), "n": len(ordered)}
+    return {
+        "p50": pct(0.5),
+        "p90": pct(0.9),
+        "p95": pct(0.95),
+        "p99": pct(0.99),
+        "mean": statistics.fmean(ordered),
+        "n": len(ordered),
+    }
 
 
 def print_table(title: str, rows: dict[str, dict[str, float]], baseline: str) -> None:
@@ -43,16 +49,24 @@ def print_table(title: str, rows: dict[str, dict[str, float]], baseline: str) ->
         print(f"{name:<28}{row['p50']:>10.1f}{row['p95']:>10.1f}{row['p50'] / base:>22.2f}")
 
 
-def save(name: str, config: dict[str, Any], rows: dict[str, dict[str, float]],
-         baseline: str, ylabel: str = "latency p50 (ms)") -> Path:
+def save(
+    name: str,
+    config: dict[str, Any],
+    rows: dict[str, dict[str, float]],
+    baseline: str,
+    ylabel: str = "latency p50 (ms)",
+) -> Path:
     """Write results/<name>.json (config echoed, percentiles, ratios) and results/<name>.png."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     base = rows[baseline]["p50"]
     payload = {
         "benchmark": name,
         "config": config,
-        "machine": {"python": platform.python_version(), "machine": platform.machine(),
-                    "processor": platform.processor()},
+        "machine": {
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "processor": platform.processor(),
+        },
         "baseline": baseline,
         "results": rows,
         "ratios_p50": {k: v["p50"] / base for k, v in rows.items()},

@@ -18,10 +18,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from benchmarks.common import measure, print_table, save, summarize  # noqa: E402
+from benchmarks.common import measure, print_table, save, summarize
 
-REQUEST = {"model": "tiny", "prompt": "a photo of a cat", "width": 64, "height": 64, "steps": 8,
-           "seed": 1, "guidance_scale": 5.0}
+REQUEST = {
+    "model": "tiny",
+    "prompt": "a photo of a cat",
+    "width": 64,
+    "height": 64,
+    "steps": 8,
+    "seed": 1,
+    "guidance_scale": 5.0,
+}
 
 
 def in_process(model_dir: Path):
@@ -35,9 +42,17 @@ def in_process(model_dir: Path):
 
     def call() -> None:
         (embeddings,) = encoder.encode([(REQUEST["prompt"], None)])
-        job = DenoiseJob(id="bench", model="tiny", embeddings=embeddings, width=64, height=64,
-                         steps=REQUEST["steps"], guidance_scale=REQUEST["guidance_scale"],
-                         seeds=[REQUEST["seed"]], created_at=time.time())
+        job = DenoiseJob(
+            id="bench",
+            model="tiny",
+            embeddings=embeddings,
+            width=64,
+            height=64,
+            steps=REQUEST["steps"],
+            guidance_scale=REQUEST["guidance_scale"],
+            seeds=[REQUEST["seed"]],
+            created_at=time.time(),
+        )
         engine.run(job, lambda event: None, lambda: False)
 
     return call
@@ -51,9 +66,14 @@ def plain_diffusers(model_dir: Path):
     pipe.set_progress_bar_config(disable=True)
 
     def call() -> None:
-        image = pipe(REQUEST["prompt"], width=64, height=64, num_inference_steps=REQUEST["steps"],
-                     guidance_scale=REQUEST["guidance_scale"],
-                     generator=torch.Generator().manual_seed(REQUEST["seed"])).images[0]
+        image = pipe(
+            REQUEST["prompt"],
+            width=64,
+            height=64,
+            num_inference_steps=REQUEST["steps"],
+            guidance_scale=REQUEST["guidance_scale"],
+            generator=torch.Generator().manual_seed(REQUEST["seed"]),
+        ).images[0]
         image.save(os.devnull, format="PNG")
 
     return call

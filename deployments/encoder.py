@@ -91,7 +91,8 @@ class ClipEncoder:
         for model_id, indices in by_model.items():
             encoder = self._encoders[model_id]
             pairs = [(keys[i][1], keys[i][2]) for i in indices]
-            for index, embeddings in zip(indices, await asyncio.to_thread(encoder.encode, pairs)):
+            encoded = await asyncio.to_thread(encoder.encode, pairs)
+            for index, embeddings in zip(indices, encoded, strict=True):
                 results[index] = embeddings
         return [r for r in results if r is not None]
 
@@ -110,4 +111,3 @@ class ClipEncoder:
         self._lru[key] = embeddings
         while len(self._lru) > self._lru_size:
             self._lru.popitem(last=False)
-

@@ -45,7 +45,7 @@ async def fetch_components(
 
 async def _gather(refs: dict[str, ray.ObjectRef], names: tuple[str, ...]) -> dict[str, Any]:
     wanted = {name: refs[name] for name in names if name in refs}
-    return dict(zip(wanted, await asyncio.gather(*wanted.values())))
+    return dict(zip(wanted, await asyncio.gather(*wanted.values()), strict=True))
 
 
 @dataclass
@@ -73,6 +73,7 @@ class ModelCache:
     def __init__(self, config: AppConfig, loader: Any = load_model) -> None:
         self._config = config
         self._load = loader
+        self._models = {m.id: m for m in config.models}
         self._entries = {m.id: CacheEntry() for m in config.models}
         self._locks = {m.id: asyncio.Lock() for m in config.models}
         self._bytes = metrics.Gauge("model_cache_bytes", description="Bytes of weights held.")
@@ -99,11 +100,11 @@ class ModelCache:
         """
         entry = self._entry(model_id)
         async with self._locks[model_id]:
-            lost = bool(stale) and any(ref.hex() in stale for ref in entry.refs.values())
+            lost = any(ref.hex() in (stale or ()) for ref in entry.refs.values())
             if entry.state == "cached" and not lost:
                 self._hits.inc()
             else:
-                await self._load_locked(self._config.model(model_id))
+                await self._load_locked(self._models[model_id])
             entry.last_used = time.monotonic()
             if entry.error is not None:
                 raise entry.error

@@ -5,13 +5,11 @@ streams SDXLPipeline's events back (JSON, NDJSON or SSE), and maps every failure
 envelope. It holds no model and imports no torch.
 """
 
-from __future__ import annotations
-
 import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -53,7 +51,7 @@ app = FastAPI(title="diffusion-serve", version="0.1.0", docs_url="/docs", redoc_
 
 
 async def _encode_stream(
-    first: Event, rest: AsyncIterator[Event], media_type: str, request_id: str
+    first: Event, rest: AsyncGenerator[Event, None], media_type: str, request_id: str
 ) -> AsyncIterator[str]:
     """Encode events for the wire; a failure mid-stream becomes a final `error` event."""
     yield encode_event(first, media_type)
@@ -88,7 +86,7 @@ def _to_serve_error(exc: BaseException, request_id: str) -> ServeError:
 
 
 def _error_response(error: ServeError, request_id: str) -> JSONResponse:
-    headers = {"x-request-id": request_id}
+    headers = {}
     if isinstance(error, BusyError):
         headers["retry-after"] = str(BUSY_RETRY_AFTER_S)
     return JSONResponse({"error": error.to_dict()}, status_code=error.status, headers=headers)
@@ -140,9 +138,9 @@ class Router:
             generate = parse_request(body)
             if not generate.stream:
                 response = await self._generate(generate, request_id)
-                return JSONResponse(response.model_dump(), headers={"x-request-id": request_id})
+                return JSONResponse(response.model_dump())
             media_type = pick_stream_type(request.headers.get("accept"))
-            events = self._events(generate, request_id)
+            events = self._events(generate, request_id, streaming=True)
             # Errors before the first event (validation, encoding, back-pressure) still get a
             # real status code; after it, they can only be an `error` event in the stream.
             first = await anext(events)
@@ -151,8 +149,7 @@ class Router:
         return StreamingResponse(
             _encode_stream(first, events, media_type, request_id),
             media_type=media_type,
-            headers={"x-request-id": request_id, "cache-control": "no-cache",
-                     "x-accel-buffering": "no"},
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
         )
 
     @app.get("/v1/models")
@@ -182,7 +179,7 @@ class Router:
         """Yield StepEvents then a ResultEvent; a failure is the last event, an ErrorEvent."""
         request_id = _new_request_id()
         try:
-            async for event in self._events(parse_request(request), request_id):
+            async for event in self._events(parse_request(request), request_id, streaming=True):
                 yield event
         except Exception as exc:
             yield _error_event(_to_serve_error(exc, request_id), request_id)
@@ -200,12 +197,18 @@ class Router:
         ]
 
     async def readiness(self) -> dict[str, Any]:
-        checks = {"ClipEncoder": self._encoder, "SDXLPipeline": self._pipeline,
-                  "ModelCache": self._cache}
+        checks = {
+            "ClipEncoder": self._encoder,
+            "SDXLPipeline": self._pipeline,
+            "ModelCache": self._cache,
+        }
         results = await asyncio.gather(*(_ping(h) for h in checks.values()))
-        backends = dict(zip(checks, results))
-        models = {card.id: card.state for card in await self.models()} if backends[
-            "ModelCache"] == "ok" else {}
+        backends = dict(zip(checks, results, strict=True))
+        models = (
+            {card.id: card.state for card in await self.models()}
+            if backends["ModelCache"] == "ok"
+            else {}
+        )
         ready = all(r == "ok" for r in results) and not any(
             s.get("state") == "failed" for s in models.values()
         )
@@ -219,11 +222,15 @@ class Router:
                 return event.to_response()
         raise UnavailableError("the backend finished without a result")
 
-    async def _events(self, request: GenerateRequest, request_id: str) -> AsyncIterator[Event]:
+    async def _events(
+        self, request: GenerateRequest, request_id: str, streaming: bool = False
+    ) -> AsyncGenerator[Event, None]:
         started = time.time()
         model = self._model(request.model)
         request = resolve_request(request, model, self._config.limits, SCHEDULER_NAMES)
         job = await self._prepare_job(request, model, request_id, started)
+        if not streaming:  # nobody would see the previews
+            job.preview = "none"
         events = self._pipeline.options(stream=True, multiplexed_model_id=model.id).stream.remote(
             job
         )
@@ -254,7 +261,7 @@ class Router:
             guidance_scale=request.guidance_scale,
             seeds=[request.seed + i for i in range(request.n)],
             scheduler=request.scheduler,
-            preview=request.preview if request.stream else "none",
+            preview=request.preview,
             preview_every=request.preview_every,
             preview_max_side=self._config.limits.preview_max_side,
             output_format=request.output_format,

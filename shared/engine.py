@@ -46,6 +46,7 @@ StepHook = Callable[[StepEvent], None]
 
 def build_scheduler(name: str | None, config: dict[str, Any]) -> SchedulerMixin:
     """A fresh scheduler (they keep per-run state) for `name`; None is the checkpoint's own."""
+    overrides: dict[str, Any]
     if name is None:
         class_name, overrides = str(config.get("_class_name", "EulerDiscreteScheduler")), {}
     elif name in SAMPLERS:

@@ -70,9 +70,9 @@ class VAEDecoder:
         self.scaling_factor = float(config.scaling_factor)
         mean = getattr(config, "latents_mean", None)
         std = getattr(config, "latents_std", None)
-        has_stats = mean is not None and std is not None
-        self.latents_mean = _channel_tensor(mean, self.device) if has_stats else None
-        self.latents_std = _channel_tensor(std, self.device) if has_stats else None
+        stats = (mean, std) if mean is not None and std is not None else None
+        self.latents_mean = _channel_tensor(stats[0], self.device) if stats else None
+        self.latents_std = _channel_tensor(stats[1], self.device) if stats else None
 
     @torch.inference_mode()
     def __call__(self, latents: torch.Tensor) -> np.ndarray:

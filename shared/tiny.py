@@ -32,14 +32,130 @@ SDXL_SCHEDULER_CONFIG: dict[str, object] = {
 }
 
 # Words that get whole-word BPE merges, so ordinary prompts tokenize to words, not characters.
-_COMMON_WORDS = """a an the of and in on with at by for from to photo picture image painting portrait
-drawing illustration render cat dog bird horse fish tree flower forest mountain river sea ocean
-lake sky cloud sun moon star city street house castle car boat train robot man woman person child
-face eyes hair red green blue yellow orange purple pink black white gray golden silver dark light
-bright beautiful detailed realistic cinematic lighting style art digital oil watercolor sketch
-high quality resolution sharp focus background night day sunset sunrise winter summer autumn
-spring snow rain fog astronaut space planet dragon fantasy landscape old new small big tiny large
-riding wearing standing sitting flying running under over near inside outside very highly""".split()
+_COMMON_WORDS = [
+    "a",
+    "an",
+    "the",
+    "of",
+    "and",
+    "in",
+    "on",
+    "with",
+    "at",
+    "by",
+    "for",
+    "from",
+    "to",
+    "photo",
+    "picture",
+    "image",
+    "painting",
+    "portrait",
+    "drawing",
+    "illustration",
+    "render",
+    "cat",
+    "dog",
+    "bird",
+    "horse",
+    "fish",
+    "tree",
+    "flower",
+    "forest",
+    "mountain",
+    "river",
+    "sea",
+    "ocean",
+    "lake",
+    "sky",
+    "cloud",
+    "sun",
+    "moon",
+    "star",
+    "city",
+    "street",
+    "house",
+    "castle",
+    "car",
+    "boat",
+    "train",
+    "robot",
+    "man",
+    "woman",
+    "person",
+    "child",
+    "face",
+    "eyes",
+    "hair",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "orange",
+    "purple",
+    "pink",
+    "black",
+    "white",
+    "gray",
+    "golden",
+    "silver",
+    "dark",
+    "light",
+    "bright",
+    "beautiful",
+    "detailed",
+    "realistic",
+    "cinematic",
+    "lighting",
+    "style",
+    "art",
+    "digital",
+    "oil",
+    "watercolor",
+    "sketch",
+    "high",
+    "quality",
+    "resolution",
+    "sharp",
+    "focus",
+    "background",
+    "night",
+    "day",
+    "sunset",
+    "sunrise",
+    "winter",
+    "summer",
+    "autumn",
+    "spring",
+    "snow",
+    "rain",
+    "fog",
+    "astronaut",
+    "space",
+    "planet",
+    "dragon",
+    "fantasy",
+    "landscape",
+    "old",
+    "new",
+    "small",
+    "big",
+    "tiny",
+    "large",
+    "riding",
+    "wearing",
+    "standing",
+    "sitting",
+    "flying",
+    "running",
+    "under",
+    "over",
+    "near",
+    "inside",
+    "outside",
+    "very",
+    "highly",
+]
 
 
 @dataclass(frozen=True)
@@ -117,14 +233,14 @@ def _bpe_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     vocab_list = symbols + [s + "</w>" for s in symbols]
     merges: list[tuple[str, str]] = []
     for word in _COMMON_WORDS:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        pieces = [*word[:-1], word[-1] + "</w>"]
         while len(pieces) > 1:
             merge = (pieces[0], pieces[1])
             joined = pieces[0] + pieces[1]
             if merge not in merges:
                 merges.append(merge)
                 vocab_list.append(joined)
-            pieces = [joined] + pieces[2:]
+            pieces = [joined, *pieces[2:]]
     vocab_list += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: i for i, token in enumerate(dict.fromkeys(vocab_list))}
     return vocab, merges

@@ -72,7 +72,7 @@ def resolve_request(
         }
     )
     _check_size(filled, limits)
-    _check_range("steps", filled.steps, 1, limits.max_steps)
+    _check_range("steps", filled.steps or 0, 1, limits.max_steps)
     _check_range("n", filled.n, 1, limits.max_n)
     _check_range("guidance_scale", filled.guidance_scale, 0.0, limits.max_guidance_scale)
     _check_range("preview_every", filled.preview_every, 1, limits.max_steps)
@@ -103,7 +103,7 @@ def _check_size(request: GenerateRequest, limits: LimitsConfig) -> None:
                 f"{limits.max_side}; got {value}",
                 param=name,
             )
-    pixels = request.width * request.height
+    pixels = (request.width or 0) * (request.height or 0)
     if pixels > limits.max_pixels:
         raise InvalidRequestError(
             f"width*height is {pixels} pixels; the limit is {limits.max_pixels}",

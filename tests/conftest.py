@@ -12,6 +12,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Provider clients refuse any non-loopback host: no test may reach the internet.
+os.environ["DIFFUSION_SERVE_LOOPBACK_ONLY"] = "1"
+
+pytest_plugins = ["tests.s3_server"]
 
 
 @pytest.fixture(scope="session")

@@ -36,5 +36,5 @@ class HandleClient:
         try:
             await serve.get_app_handle(self._app_name).generate.remote(body)
         except ServeError as exc:
-            return {"type": type(exc).__name__, "status": exc.status, **exc.to_dict()}
+            return {**exc.to_dict(), "class": type(exc).__name__, "status": exc.status}
         return {}

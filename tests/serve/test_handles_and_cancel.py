@@ -41,7 +41,7 @@ def test_handle_stream_yields_the_same_event_models(handle_client) -> None:
 
 def test_handle_errors_are_typed(handle_client) -> None:
     error = handle_client.failing.remote({**BASE, "steps": 1000}).result(timeout_s=60)
-    assert error["type"] == "InvalidRequestError" and error["status"] == 422
+    assert error["class"] == "InvalidRequestError" and error["status"] == 422
     assert error["param"] == "steps"
     streamed = handle_client.streamed.remote({**BASE, "model": "nope"}).result(timeout_s=60)
     assert streamed[-1]["event"] == "error" and streamed[-1]["error"]["code"] == "model_not_found"
@@ -66,15 +66,24 @@ def wait_finished(job_id: str, timeout_s: float = 60) -> dict:
 
 def test_disconnect_mid_stream_stops_the_denoising_loop(app_url: str) -> None:
     # Big enough that a step takes tens of milliseconds on CPU, so "two steps" is a real bound.
-    request = {**BASE, "width": 512, "height": 512, "steps": 100, "stream": True,
-               "preview": "full", "seed": 9}
-    with httpx.Client(base_url=app_url, timeout=60) as http:
-        with http.stream("POST", "/v1/generate", json=request) as response:
-            lines = response.iter_lines()
-            first = json.loads(next(lines))
-            second = json.loads(next(lines))
-            job_id = first["id"]
-            at_disconnect = job_stats(job_id)["steps"]
+    request = {
+        **BASE,
+        "width": 512,
+        "height": 512,
+        "steps": 100,
+        "stream": True,
+        "preview": "full",
+        "seed": 9,
+    }
+    with (
+        httpx.Client(base_url=app_url, timeout=60) as http,
+        http.stream("POST", "/v1/generate", json=request) as response,
+    ):
+        lines = response.iter_lines()
+        first = json.loads(next(lines))
+        second = json.loads(next(lines))
+        job_id = first["id"]
+        at_disconnect = job_stats(job_id)["steps"]
     stats = wait_finished(job_id)
     assert second["index"] == 2
     assert stats["status"] == "cancelled"
@@ -83,8 +92,11 @@ def test_disconnect_mid_stream_stops_the_denoising_loop(app_url: str) -> None:
 
 
 def test_finished_jobs_report_done(client) -> None:
-    response = client.post("/v1/generate", json={**BASE, "seed": 1},
-                           headers={"x-request-id": "job-done-check"})
+    response = client.post(
+        "/v1/generate", json={**BASE, "seed": 1}, headers={"x-request-id": "job-done-check"}
+    )
+    # Serve echoes the caller's request id, and the job carries the same id.
     assert response.headers["x-request-id"] == "job-done-check"
+    assert response.json()["id"] == "job-done-check"
     stats = wait_finished("job-done-check")
     assert stats == {**stats, "status": "done", "steps": 4}

@@ -55,8 +55,15 @@ def read_ndjson(response: httpx.Response) -> list[tuple[float, dict]]:
 
 
 def test_ndjson_stream_delivers_steps_before_the_result(client: httpx.Client) -> None:
-    request = {**BASE, "width": 256, "height": 256, "steps": 24, "stream": True,
-               "preview": "full", "seed": 1}
+    request = {
+        **BASE,
+        "width": 256,
+        "height": 256,
+        "steps": 24,
+        "stream": True,
+        "preview": "full",
+        "seed": 1,
+    }
     with client.stream("POST", "/v1/generate", json=request) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("application/x-ndjson")
@@ -131,8 +138,9 @@ def test_stream_validation_errors_are_plain_4xx(client: httpx.Client) -> None:
 
 def test_malformed_bodies_get_400(client: httpx.Client) -> None:
     for body in (b"{not json", b"[1, 2]", b"\xff\xfe"):
-        response = client.post("/v1/generate", content=body,
-                               headers={"content-type": "application/json"})
+        response = client.post(
+            "/v1/generate", content=body, headers={"content-type": "application/json"}
+        )
         assert_error(response, 400, "malformed_json", None)
 
 
@@ -152,5 +160,7 @@ def test_models_health_and_readiness(client: httpx.Client) -> None:
     ready = client.get("/readyz")
     assert ready.status_code == 200
     assert ready.json()["backends"] == {
-        "ClipEncoder": "ok", "SDXLPipeline": "ok", "ModelCache": "ok"
+        "ClipEncoder": "ok",
+        "SDXLPipeline": "ok",
+        "ModelCache": "ok",
     }

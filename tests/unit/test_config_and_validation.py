@@ -41,16 +41,16 @@ def test_default_config_is_cpu_tiny_with_autoscaling() -> None:
 
 def test_typos_fail_with_the_field_name() -> None:
     with pytest.raises(ValueError, match="max_stepz"):
-        AppConfig.model_validate({"models": [{"id": "t", "source": "tiny"}],
-                                  "limits": {"max_stepz": 3}})
+        AppConfig.model_validate(
+            {"models": [{"id": "t", "source": "tiny"}], "limits": {"max_stepz": 3}}
+        )
     with pytest.raises(ValueError, match="unique"):
         AppConfig.model_validate({"models": [{"id": "t", "source": "tiny"}] * 2})
     with pytest.raises(ValueError, match="min_side"):
         LimitsConfig(min_side=512, max_side=256)
 
 
-MODEL = ModelConfig(id="tiny", source="tiny", default_width=64, default_height=64,
-                    default_steps=8)
+MODEL = ModelConfig(id="tiny", source="tiny", default_width=64, default_height=64, default_steps=8)
 LIMITS = LimitsConfig(max_side=512, max_pixels=512 * 512, max_steps=50, max_n=4)
 
 

@@ -1,0 +1,204 @@
+"""OpenAI Images API client: `POST {base}/v1/images/generations`.
+
+Request: `model, prompt, n, size ("WxH"), quality, user`, plus `output_format, background,
+moderation` for GPT image models or `response_format` for legacy (DALL·E) models — which family a
+model is comes from the configured name prefixes. Answer: `{created, data: [{b64_json | url,
+revised_prompt}], usage}`; URLs are downloaded with the same client.
+
+Streaming (`stream: true` + `partial_images`, GPT image models only): the SSE events
+`image_generation.partial_image` become our `step` events carrying the partial as a preview, and
+each `image_generation.completed` event is one final image of the `result` event.
+
+Fields of `GenerateRequest` this API has no knob for (negative_prompt, steps, guidance_scale,
+scheduler, seed) are not sent; the result's images carry `seed=None` to say no seed applied.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from shared.providers.base import BaseProviderClient, ErrorInfo, decode_json, requested_size
+from shared.providers.config import OpenAIOptions, ProviderConfig
+from shared.providers.errors import (
+    ContentFilteredError,
+    ProviderBadResponseError,
+    ProviderError,
+    ProviderQuotaError,
+    ProviderUnavailableError,
+)
+from shared.providers.images import b64_payload, generated_image, preview_image
+from shared.providers.reliability import Deadline
+from shared.providers.sse import ServerSentEvent, iter_sse
+from shared.schemas import GeneratedImage, GenerateRequest, ResultEvent, StepEvent
+
+GENERATIONS_PATH = "/v1/images/generations"
+MODELS_PATH = "/v1/models"
+PARTIAL_EVENT = "image_generation.partial_image"
+COMPLETED_EVENT = "image_generation.completed"
+# OpenAI's codes for a prompt or image its safety system refused (GPT image / DALL·E models).
+CONTENT_FILTER_CODES = {"moderation_blocked", "content_policy_violation"}
+QUOTA_CODES = {"insufficient_quota", "billing_hard_limit_reached"}
+
+
+class OpenAIImagesClient(BaseProviderClient):
+    """The OpenAI Images protocol; Parasail reuses it with a capability probe in front."""
+
+    kind = "openai"
+
+    def __init__(
+        self, config: ProviderConfig, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        super().__init__(config, transport)
+        self._options: OpenAIOptions = config.openai or OpenAIOptions()
+
+    # -- request ----------------------------------------------------------------------------------
+
+    def _payload(self, request: GenerateRequest, *, partial_images: int | None) -> dict[str, Any]:
+        options = self._options
+        payload: dict[str, Any] = {"model": request.model, "prompt": request.prompt, "n": request.n}
+        size = requested_size(request, self.name)
+        if size is not None:
+            payload["size"] = f"{size[0]}x{size[1]}"
+        if self._is_legacy(request.model):
+            payload["response_format"] = options.response_format
+        else:
+            payload["output_format"] = request.output_format
+            payload["background"] = options.background
+            payload["moderation"] = options.moderation
+        payload["quality"] = options.quality
+        payload["user"] = options.user
+        if partial_images is not None:
+            payload.update(stream=True, partial_images=partial_images)
+        return {key: value for key, value in payload.items() if value is not None}
+
+    def _is_legacy(self, model: str) -> bool:
+        return model.startswith(tuple(self._options.legacy_model_prefixes))
+
+    def _streams(self, model: str) -> bool:
+        return model.startswith(tuple(self._options.streaming_model_prefixes))
+
+    # -- non-streaming ------------------------------------------------------------------------
+
+    async def _generate_images(
+        self, request: GenerateRequest, request_id: str, budget: Deadline
+    ) -> list[GeneratedImage]:
+        payload = self._payload(request, partial_images=None)
+        answer = await self._call_json("POST", GENERATIONS_PATH, budget, payload)
+        data = answer.get("data") if isinstance(answer, dict) else None
+        if not isinstance(data, list) or not data:
+            raise ProviderBadResponseError(f"provider {self.name} answer has no `data` list")
+        return [await self._image(item, budget) for item in data]
+
+    async def _image(self, item: Any, budget: Deadline) -> GeneratedImage:
+        if isinstance(item, dict) and isinstance(item.get("b64_json"), str):
+            return generated_image(b64_payload(item["b64_json"]))
+        if isinstance(item, dict) and isinstance(item.get("url"), str):
+            return generated_image(await self._download(item["url"], budget))
+        raise ProviderBadResponseError(
+            f"provider {self.name} image entry has neither `b64_json` nor `url`"
+        )
+
+    # -- streaming ------------------------------------------------------------------------------
+
+    async def stream(
+        self, request: GenerateRequest, request_id: str, deadline: float | None = None
+    ) -> AsyncIterator[StepEvent | ResultEvent]:
+        if not self._streams(request.model):
+            yield await self.generate(request, request_id, deadline)
+            return
+        started = time.perf_counter()
+        budget = self._begin(request, deadline)
+        await self._preflight(request, budget)
+        partials = self._options.partial_images if request.preview != "none" else 0
+        payload = self._payload(request, partial_images=partials)
+        relay = _PartialRelay(request_id, total=max(1, partials * request.n), started=started)
+        images: list[GeneratedImage] = []
+        async with self._open_stream(GENERATIONS_PATH, payload, budget) as response:
+            async for sse in iter_sse(self._stream_lines(response, budget)):
+                if sse.data == "[DONE]":  # OpenAI-compatible servers may end streams this way
+                    break
+                event = self._stream_event(sse)
+                if event.get("type") == PARTIAL_EVENT:
+                    yield relay.step(_b64_field(event, self.name))
+                elif event.get("type") == COMPLETED_EVENT:
+                    images.append(generated_image(_b64_field(event, self.name)))
+            result = self._result(request, request_id, images, started)
+        yield result
+
+    def _stream_event(self, sse: ServerSentEvent) -> dict[str, Any]:
+        event = decode_json(sse.data.encode(), f"provider {self.name} stream event")
+        if not isinstance(event, dict):
+            raise ProviderBadResponseError(f"provider {self.name} stream event is not an object")
+        if "error" in event or sse.event == "error":
+            # An error after a 200 cannot be retried: the stream has already been relayed.
+            info = self._parse_error(event) or ErrorInfo(message=sse.data)
+            cls = self._classify_error(200, info) or ProviderUnavailableError
+            raise cls(self._failure_message(200, info, cls), param=info.param, retryable=False)
+        event.setdefault("type", sse.event)
+        return event
+
+    # -- probe and errors -----------------------------------------------------------------------
+
+    async def _probe_models(self, budget: Deadline) -> dict[str, str]:
+        listed = await self._listed_models(budget)
+        return {m: "available" if m in listed else "unsupported" for m in self.config.models}
+
+    async def _listed_models(self, budget: Deadline) -> set[str]:
+        answer = await self._call_json_once("GET", MODELS_PATH, budget)
+        data = answer.get("data") if isinstance(answer, dict) else None
+        if not isinstance(data, list):
+            raise ProviderBadResponseError(f"provider {self.name} model list has no `data` list")
+        return {item["id"] for item in data if isinstance(item, dict) and "id" in item}
+
+    def _parse_error(self, body: Any) -> ErrorInfo | None:
+        error = body.get("error") if isinstance(body, dict) else None
+        if not isinstance(error, dict):
+            return None
+        return ErrorInfo(
+            message=str(error.get("message") or "no message"),
+            code=error.get("code") or error.get("type"),
+            param=error.get("param"),
+        )
+
+    def _classify_error(self, status: int, info: ErrorInfo) -> type[ProviderError] | None:
+        if info.code in QUOTA_CODES:
+            return ProviderQuotaError
+        if info.code in CONTENT_FILTER_CODES:
+            return ContentFilteredError
+        return None
+
+
+class _PartialRelay:
+    """Turns partial images into numbered step events with their timing."""
+
+    def __init__(self, request_id: str, total: int, started: float) -> None:
+        self._request_id = request_id
+        self._total = total
+        self._started = started
+        self._last = started
+        self._index = 0
+
+    def step(self, data: bytes) -> StepEvent:
+        now = time.perf_counter()
+        self._index += 1
+        event = StepEvent(
+            id=self._request_id,
+            index=self._index,
+            total=max(self._total, self._index),
+            elapsed_ms=(now - self._started) * 1000,
+            step_ms=(now - self._last) * 1000,
+            previews=[preview_image(data)],
+        )
+        self._last = now
+        return event
+
+
+def _b64_field(event: dict[str, Any], provider: str) -> bytes:
+    value = event.get("b64_json")
+    if not isinstance(value, str):
+        raise ProviderBadResponseError(f"provider {provider} {event.get('type')} has no b64_json")
+    return b64_payload(value)

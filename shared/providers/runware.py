@@ -1,0 +1,149 @@
+"""Runware client: `POST {base}/v1` with a JSON array of tasks, Bearer auth.
+
+One `imageInference` task per request: `taskType, taskUUID, model (AIR id), positivePrompt,
+negativePrompt, width, height, steps, CFGScale, scheduler, seed, numberResults, outputType,
+outputFormat, checkNSFW`. The taskUUID is a uuid4 made once per call and reused by every retry,
+so Runware can recognise a retried task (it is our idempotency key). Answer: `{data: [{taskUUID,
+imageUUID, imageURL | imageBase64Data | imageDataURI, seed, cost, NSFWContent}], errors: [{code,
+message, parameter, taskUUID}]}`; errors may come with a 200 when tasks fail independently.
+
+Runware needs a size, so a request without one gets the configured default; the seeds Runware
+used are returned on each image. An image flagged `NSFWContent` (Runware blacks it out) answers
+`content_filtered` rather than a black picture.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import httpx
+
+from shared.providers.base import BaseProviderClient, ErrorInfo, requested_size
+from shared.providers.config import ProviderConfig, RunwareOptions
+from shared.providers.errors import (
+    ContentFilteredError,
+    ProviderAuthError,
+    ProviderBadResponseError,
+    ProviderError,
+    ProviderQuotaError,
+    ProviderRejectedError,
+    ProviderTimeoutError,
+)
+from shared.providers.images import b64_payload, generated_image
+from shared.providers.reliability import Deadline
+from shared.schemas import GeneratedImage, GenerateRequest
+
+TASKS_PATH = "/v1"
+OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPG", "webp": "WEBP"}
+_ERROR_CLASSES: dict[str, type[ProviderError]] = {
+    "invalidApiKey": ProviderAuthError,
+    "missingApiKey": ProviderAuthError,
+    "insufficientCredits": ProviderQuotaError,
+    "timeoutProvider": ProviderTimeoutError,
+}
+
+
+class RunwareClient(BaseProviderClient):
+    kind = "runware"
+
+    def __init__(
+        self, config: ProviderConfig, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        super().__init__(config, transport)
+        self._options: RunwareOptions = config.runware or RunwareOptions()
+
+    def _task(self, request: GenerateRequest, task_uuid: str) -> dict[str, Any]:
+        options = self._options
+        width, height = requested_size(request, self.name) or (
+            options.default_width,
+            options.default_height,
+        )
+        task: dict[str, Any] = {
+            "taskType": "imageInference",
+            "taskUUID": task_uuid,
+            "model": request.model,
+            "positivePrompt": request.prompt,
+            "negativePrompt": request.negative_prompt,
+            "width": width,
+            "height": height,
+            "steps": request.steps,
+            "CFGScale": request.guidance_scale,
+            "scheduler": request.scheduler,
+            "seed": request.seed,
+            "numberResults": request.n,
+            "outputType": options.output_type,
+            "outputFormat": OUTPUT_FORMATS[request.output_format],
+            "checkNSFW": options.check_nsfw,
+        }
+        return {key: value for key, value in task.items() if value is not None}
+
+    async def _generate_images(
+        self, request: GenerateRequest, request_id: str, budget: Deadline
+    ) -> list[GeneratedImage]:
+        task_uuid = str(uuid.uuid4())
+        answer = await self._call_json("POST", TASKS_PATH, budget, [self._task(request, task_uuid)])
+        self._raise_task_errors(answer, task_uuid)
+        results = _task_results(answer, task_uuid)
+        if not results:
+            raise ProviderBadResponseError(
+                f"provider {self.name} answered without a result for task {task_uuid}"
+            )
+        return [await self._image(result, budget) for result in results]
+
+    async def _image(self, result: dict[str, Any], budget: Deadline) -> GeneratedImage:
+        if result.get("NSFWContent") is True:
+            raise ContentFilteredError(
+                f"provider {self.name} flagged the image as NSFW (checkNSFW) and withheld it"
+            )
+        seed = result.get("seed") if isinstance(result.get("seed"), int) else None
+        for field in ("imageBase64Data", "imageDataURI"):
+            if isinstance(result.get(field), str):
+                return generated_image(b64_payload(result[field]), seed)
+        if isinstance(result.get("imageURL"), str):
+            return generated_image(await self._download(result["imageURL"], budget), seed)
+        raise ProviderBadResponseError(
+            f"provider {self.name} result has no imageBase64Data, imageDataURI or imageURL"
+        )
+
+    def _raise_task_errors(self, answer: Any, task_uuid: str) -> None:
+        """A 200 can still carry errors for individual tasks; ours fails the call."""
+        errors = answer.get("errors") if isinstance(answer, dict) else None
+        for error in errors or []:
+            if isinstance(error, dict) and error.get("taskUUID") in (None, task_uuid):
+                info = _error_info(error)
+                cls = self._classify_error(200, info) or ProviderRejectedError
+                raise cls(self._failure_message(200, info, cls), param=info.param, retryable=False)
+
+    async def _probe_models(self, budget: Deadline) -> dict[str, str]:
+        # Runware has no cheap model listing over REST; a ping task proves reachability and auth.
+        # Models cannot be confirmed that way, so they stay "unknown".
+        await budget.run(
+            lambda: self._send("POST", TASKS_PATH, [{"taskType": "ping", "ping": True}]),
+            f"provider {self.name} probe",
+        )
+        return dict.fromkeys(self.config.models, "unknown")
+
+    def _parse_error(self, body: Any) -> ErrorInfo | None:
+        errors = body.get("errors") if isinstance(body, dict) else None
+        if not isinstance(errors, list) or not errors or not isinstance(errors[0], dict):
+            return None
+        return _error_info(errors[0])
+
+    def _classify_error(self, status: int, info: ErrorInfo) -> type[ProviderError] | None:
+        return _ERROR_CLASSES.get(info.code or "")
+
+
+def _error_info(error: dict[str, Any]) -> ErrorInfo:
+    return ErrorInfo(
+        message=str(error.get("message") or "no message"),
+        code=error.get("code"),
+        param=error.get("parameter"),
+    )
+
+
+def _task_results(answer: Any, task_uuid: str) -> list[dict[str, Any]]:
+    data = answer.get("data") if isinstance(answer, dict) else None
+    if not isinstance(data, list):
+        return []
+    return [item for item in data if isinstance(item, dict) and item.get("taskUUID") == task_uuid]
