@@ -31,10 +31,12 @@ class HandleClient:
 
     async def failing(self, body: dict[str, Any]) -> dict[str, Any]:
         """What a handle caller sees for a bad request: our error type, status and code."""
-        from shared.errors import ServeError
+        from shared.errors import InvalidRequestError, ServeError
 
         try:
             await serve.get_app_handle(self._app_name).generate.remote(body)
         except ServeError as exc:
-            return {**exc.to_dict(), "class": type(exc).__name__, "status": exc.status}
+            # Ray raises RayTaskError(InvalidRequestError): an instance of our class, fields intact.
+            invalid = isinstance(exc, InvalidRequestError)
+            return {**exc.to_dict(), "invalid_request": invalid, "status": exc.status}
         return {}

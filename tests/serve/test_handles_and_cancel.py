@@ -41,7 +41,7 @@ def test_handle_stream_yields_the_same_event_models(handle_client) -> None:
 
 def test_handle_errors_are_typed(handle_client) -> None:
     error = handle_client.failing.remote({**BASE, "steps": 1000}).result(timeout_s=60)
-    assert error["class"] == "InvalidRequestError" and error["status"] == 422
+    assert error["invalid_request"] is True and error["status"] == 422
     assert error["param"] == "steps"
     streamed = handle_client.streamed.remote({**BASE, "model": "nope"}).result(timeout_s=60)
     assert streamed[-1]["event"] == "error" and streamed[-1]["error"]["code"] == "model_not_found"
