@@ -103,7 +103,7 @@ def start_app() -> int:
     from ray import serve
 
     from deployments.app import build_app
-    from tests.serve.conftest import default_app_args, free_port
+    from tests.serve.harness import default_app_args, free_port
 
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     port = free_port()

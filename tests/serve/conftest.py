@@ -3,33 +3,19 @@ app (serve_config.yaml) on a free loopback port; tests talk real HTTP to it."""
 
 from __future__ import annotations
 
-import copy
-import socket
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.serve.harness import default_app_args, free_port, wait_ready
+
 APP_NAME = "diffusion"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def default_app_args() -> dict[str, Any]:
-    config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
-    return copy.deepcopy(config["applications"][0]["args"])
-
-
 @pytest.fixture(scope="session")
-def ray_session() -> Iterator[None]:
+def ray_session() -> Iterator[int]:
     import ray
     from ray import serve
 
@@ -58,25 +44,8 @@ def app_url(ray_session: int, tiny_model_dir: Path) -> str:
     args["pipeline_deployment"]["num_replicas"] = 1
     serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{ray_session}"
-    _wait_ready(url)
+    wait_ready(url)
     return url
-
-
-def _wait_ready(url: str, timeout_s: float = 180) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            response = httpx.get(f"{url}/readyz", timeout=10)
-            if response.status_code == 200:
-                return
-            last = response.text
-        except httpx.HTTPError as exc:
-            last = exc
-        time.sleep(0.5)
-    raise TimeoutError(f"app did not become ready: {last}")
 
 
 @pytest.fixture()
