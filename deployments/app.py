@@ -9,6 +9,7 @@ from ray.serve import Application
 
 from deployments.encoder import ClipEncoder
 from deployments.model_cache import ModelCache
+from deployments.providers import CloudProvider
 from deployments.router import Router
 from deployments.sdxl import SDXLPipeline
 from shared.config import AppConfig
@@ -25,5 +26,11 @@ def build_app(args: dict[str, Any]) -> Application:
     pipeline = SDXLPipeline.options(**config.pipeline_deployment.serve_options()).bind(
         config, cache
     )
+    providers = {
+        provider.name: CloudProvider.options(
+            name=f"CloudProvider-{provider.name}", **config.provider_deployment.serve_options()
+        ).bind(provider)
+        for provider in config.providers
+    }
     router = Router.options(**config.router_deployment.serve_options())
-    return router.bind(config, encoder, pipeline, cache)
+    return router.bind(config, encoder, pipeline, cache, providers)

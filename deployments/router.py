@@ -28,6 +28,7 @@ from shared.errors import (
     UnavailableError,
     find_serve_error,
 )
+from shared.providers.config import ProviderConfig
 from shared.samplers import SCHEDULER_NAMES
 from shared.schemas import (
     DenoiseJob,
@@ -40,7 +41,7 @@ from shared.schemas import (
     StepEvent,
 )
 from shared.streaming import encode_event, pick_stream_type
-from shared.validation import parse_body, parse_request, resolve_request
+from shared.validation import check_remote_request, parse_body, parse_request, resolve_request
 
 logger = logging.getLogger("ray.serve")
 READY_TIMEOUT_S = 5.0
@@ -64,9 +65,9 @@ async def _encode_stream(
         await rest.aclose()
 
 
-async def _ping(handle: DeploymentHandle) -> str:
+async def _ping(handle: DeploymentHandle, method: str = "ping") -> str:
     try:
-        return await asyncio.wait_for(handle.ping.remote(), READY_TIMEOUT_S)
+        return await asyncio.wait_for(getattr(handle, method).remote(), READY_TIMEOUT_S)
     except Exception as exc:
         return f"unavailable: {type(exc).__name__}"
 
@@ -90,6 +91,15 @@ def _error_response(error: ServeError, request_id: str) -> JSONResponse:
     if isinstance(error, BusyError):
         headers["retry-after"] = str(BUSY_RETRY_AFTER_S)
     return JSONResponse({"error": error.to_dict()}, status_code=error.status, headers=headers)
+
+
+def _finish(event: Event, model: str, started: float, encode_ms: float) -> Event:
+    """Stamp a result with the model id the client asked for and the end-to-end timings."""
+    if isinstance(event, ResultEvent):
+        event.model = model
+        event.timings.encode_ms = encode_ms
+        event.timings.total_ms = (time.time() - started) * 1000
+    return event
 
 
 def _error_event(error: ServeError, request_id: str) -> ErrorEvent:
@@ -121,12 +131,14 @@ class Router:
         encoder: DeploymentHandle,
         pipeline: DeploymentHandle,
         cache: DeploymentHandle,
+        providers: dict[str, DeploymentHandle] | None = None,
     ) -> None:
         self._config = config
         self._local: dict[str, ModelConfig] = {m.id: m for m in config.models}
         self._encoder = encoder
         self._pipeline = pipeline
         self._cache = cache
+        self._providers = providers or {}
 
     # ---- HTTP API -------------------------------------------------------------------------
 
@@ -186,7 +198,7 @@ class Router:
 
     async def models(self) -> list[ModelCard]:
         states = await self._cache.status.remote()
-        return [
+        local = [
             ModelCard(
                 id=model.id,
                 backend="local",
@@ -195,6 +207,23 @@ class Router:
             )
             for model in self._config.models
         ]
+        breakers = await self._breakers()
+        remote = [
+            ModelCard(
+                id=f"{provider.name}/{name}",
+                backend=provider.name,
+                loaded=True,
+                state={"breaker": breakers[provider.name]},
+            )
+            for provider in self._config.providers
+            for name in provider.models
+        ]
+        return local + remote
+
+    async def _breakers(self) -> dict[str, str]:
+        names = list(self._providers)
+        states = await asyncio.gather(*(_ping(self._providers[n], "breaker_state") for n in names))
+        return dict(zip(names, states, strict=True))
 
     async def readiness(self) -> dict[str, Any]:
         checks = {
@@ -212,7 +241,13 @@ class Router:
         ready = all(r == "ok" for r in results) and not any(
             s.get("state") == "failed" for s in models.values()
         )
-        return {"ready": ready, "backends": backends, "models": models}
+        # A provider with an open breaker does not make this server unready: local models serve.
+        return {
+            "ready": ready,
+            "backends": backends,
+            "models": models,
+            "providers": await self._breakers(),
+        }
 
     # ---- internals ------------------------------------------------------------------------
 
@@ -226,6 +261,21 @@ class Router:
         self, request: GenerateRequest, request_id: str, streaming: bool = False
     ) -> AsyncGenerator[Event, None]:
         started = time.time()
+        remote = self._config.provider_model(request.model)
+        if remote is not None:
+            check_remote_request(request, self._config.limits)
+            events = self._provider_events(request, remote, request_id, streaming, started)
+        else:
+            events = self._local_events(request, request_id, streaming, started)
+        try:
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()
+
+    async def _local_events(
+        self, request: GenerateRequest, request_id: str, streaming: bool, started: float
+    ) -> AsyncGenerator[Event, None]:
         model = self._model(request.model)
         request = resolve_request(request, model, self._config.limits, SCHEDULER_NAMES)
         job = await self._prepare_job(request, model, request_id, started)
@@ -235,12 +285,46 @@ class Router:
             job
         )
         try:
+            try:
+                first = await anext(events)
+            except BackPressureError:
+                fallback = self._config.provider_model(model.fallback or "")
+                if fallback is None:
+                    raise
+                # Local replicas push back: spill over to the configured provider model.
+                spilled = self._provider_events(
+                    request, fallback, request_id, streaming, started, spilled_over=True
+                )
+                async for event in spilled:
+                    yield event
+                return
+            yield _finish(first, request.model, started, job.timings["encode_ms"])
+            async for event in events:
+                yield _finish(event, request.model, started, job.timings["encode_ms"])
+        finally:
+            events.cancel()
+
+    async def _provider_events(
+        self,
+        request: GenerateRequest,
+        remote: tuple[ProviderConfig, str],
+        request_id: str,
+        streaming: bool,
+        started: float,
+        spilled_over: bool = False,
+    ) -> AsyncGenerator[Event, None]:
+        provider, model_name = remote
+        forwarded = request.model_copy(
+            update={"model": model_name, "preview": request.preview if streaming else "none"}
+        )
+        deadline = started + provider.timeouts.total_s
+        handle = self._providers[provider.name].options(stream=True)
+        events = handle.stream.remote(forwarded, request_id, deadline)
+        try:
             async for event in events:
                 if isinstance(event, ResultEvent):
-                    event.model = request.model
-                    event.timings.encode_ms = job.timings["encode_ms"]
-                    event.timings.total_ms = (time.time() - started) * 1000
-                yield event
+                    event.spilled_over = spilled_over
+                yield _finish(event, request.model, started, 0.0)
         finally:
             events.cancel()
 
@@ -272,7 +356,8 @@ class Router:
     def _model(self, model_id: str) -> ModelConfig:
         model = self._local.get(model_id)
         if model is None:
-            known = ", ".join(sorted(self._local))
+            remote = [f"{p.name}/{m}" for p in self._config.providers for m in p.models]
+            known = ", ".join(sorted(self._local) + remote)
             raise InvalidRequestError(
                 f"unknown model {model_id!r}; available models: {known}",
                 code="model_not_found",

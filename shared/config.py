@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from shared.providers.config import ProviderConfig
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -160,6 +162,10 @@ class AppConfig(_Strict):
     encoder_deployment: DeploymentOptions = _options(num_cpus=0.1, max_ongoing_requests=32)
     pipeline_deployment: DeploymentOptions = _options(num_cpus=0.5, max_ongoing_requests=2)
     cache_deployment: DeploymentOptions = _options(num_cpus=0.1, max_ongoing_requests=64)
+    providers: list[ProviderConfig] = Field(
+        default_factory=list, description="Remote image APIs, served as `provider/model` ids."
+    )
+    provider_deployment: DeploymentOptions = _options(num_cpus=0.05, max_ongoing_requests=64)
 
     @model_validator(mode="after")
     def _unique_ids(self) -> AppConfig:
@@ -167,7 +173,24 @@ class AppConfig(_Strict):
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
             raise ValueError(f"model ids must be unique; repeated: {', '.join(duplicates)}")
+        names = [p.name for p in self.providers]
+        if len(set(names)) != len(names):
+            raise ValueError("provider names must be unique")
+        for model in self.models:
+            if model.fallback and self.provider_model(model.fallback) is None:
+                raise ValueError(
+                    f"model {model.id!r}: fallback {model.fallback!r} is not a configured "
+                    "`provider/model`"
+                )
         return self
+
+    def provider_model(self, model_id: str) -> tuple[ProviderConfig, str] | None:
+        """(provider, provider's model name) for a `provider/model` id, else None."""
+        name, _, model = model_id.partition("/")
+        provider = next((p for p in self.providers if p.name == name), None)
+        if provider is None or model not in provider.models:
+            return None
+        return provider, model
 
     def model(self, model_id: str) -> ModelConfig | None:
         return next((m for m in self.models if m.id == model_id), None)

@@ -94,6 +94,18 @@ def resolve_request(
     return filled
 
 
+def check_remote_request(request: GenerateRequest, limits: LimitsConfig) -> None:
+    """The limits that apply to a provider model too (its own API checks the rest)."""
+    _check_range("n", request.n, 1, limits.max_n)
+    if len(request.prompt) > limits.max_prompt_chars:
+        raise InvalidRequestError(
+            f"prompt is {len(request.prompt)} characters long; the limit is "
+            f"{limits.max_prompt_chars}",
+            code="prompt_too_long",
+            param="prompt",
+        )
+
+
 def _check_size(request: GenerateRequest, limits: LimitsConfig) -> None:
     for name in ("width", "height"):
         value = getattr(request, name)

@@ -15,6 +15,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Provider clients refuse any non-loopback host: no test may reach the internet.
 os.environ["DIFFUSION_SERVE_LOOPBACK_ONLY"] = "1"
 
+# Keys of the fake cloud providers, set before Ray starts so every replica inherits them.
+FAKE_KEYS = {"DS_TEST_OPENAI_KEY": "sk-test-openai", "DS_TEST_RUNWARE_KEY": "rw-test-key"}
+os.environ.update(FAKE_KEYS)
+
 pytest_plugins = ["tests.s3_server"]
 
 
