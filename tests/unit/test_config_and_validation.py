@@ -112,3 +112,11 @@ def test_bodies_are_parsed_strictly() -> None:
         parse_body(b"[]", 100)
     with pytest.raises(PayloadTooLargeError):
         parse_body(b" " * 101, 100)
+
+
+def test_rayservice_manifest_embeds_a_valid_app() -> None:
+    manifest = yaml.safe_load((REPO / "cluster" / "rayservice.yaml").read_text())
+    serve_config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    (app,) = serve_config["applications"]
+    parsed = AppConfig.model_validate(app["args"])
+    assert parsed.pipeline_deployment.num_gpus == 1
