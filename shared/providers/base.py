@@ -16,6 +16,7 @@ against the loopback guard of `guard.py`.
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 import time
@@ -109,7 +110,7 @@ def decode_json(body: bytes, what: str) -> Any:
         raise ProviderBadResponseError(f"{what} is not JSON ({exc.__class__.__name__})") from None
 
 
-class BaseProviderClient:
+class BaseProviderClient(abc.ABC):
     """HTTP, reliability and result assembly; subclasses add one provider's protocol."""
 
     kind: ClassVar[str]
@@ -183,17 +184,19 @@ class BaseProviderClient:
 
     # -- hooks for provider modules -------------------------------------------------------------
 
+    @abc.abstractmethod
     async def _generate_images(
         self, request: GenerateRequest, request_id: str, budget: Deadline
     ) -> list[GeneratedImage]:
-        raise NotImplementedError
+        """One attempt at the provider's API; retries and the breaker wrap it."""
 
+    @abc.abstractmethod
     async def _probe_models(self, budget: Deadline) -> dict[str, str]:
         """Each configured model → "available" | "unsupported" | "unknown"."""
-        raise NotImplementedError
 
     async def _preflight(self, request: GenerateRequest, budget: Deadline) -> None:
         """Checks before any paid request (Parasail's capability probe); none by default."""
+        return None
 
     def _auth_headers(self, key: str) -> dict[str, str]:
         return {"authorization": f"Bearer {key}"}
