@@ -1,9 +1,15 @@
-"""How fast does a new replica get its weights? Time from "nothing" to built torch modules
-(UNet, VAE, both text encoders, preview decoder) when the weights come from
+"""How fast does a new replica start, and what does a second one on the same node cost?
+
+Start time: from "nothing" to (a) weights ready, i.e. every component built as a torch module the
+way SDXLPipeline and ClipEncoder build them, and (b) the first image (one prompt encoded, a 64x64
+image in 2 steps), when the weights come from
 
 - the Ray object store (what ModelCache gives replicas: `ray.get` of its refs + zero-copy build),
 - the local safetensors folder (`load_model` + build; the OS page cache is warm after run one),
 - S3 on loopback (a moto server this script starts; `load_model` over s3fs + build).
+
+Memory: two replica processes on one node build the engine and make an image; each one's growth in
+private (USS) and resident (RSS) memory, from object-store refs vs each reading the local folder.
 
     python benchmarks/cold_start.py            # the `small` preset (~0.9 GB), 5 runs per path
     python benchmarks/cold_start.py --smoke    # the `tiny` preset, a few runs, for CI
@@ -14,6 +20,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,51 +31,86 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from benchmarks.common import measure, print_table, save, summarize
+from benchmarks.common import print_table, save, summarize
 
 EXTRA = {"taesd": "taesd"}
+ENGINE_FOLDERS = ("unet", "vae", "taesd")
+PROMPT = "a photo of a cat"
+
+Components = dict[str, Any]
 
 
-def build_all(components: dict[str, Any]) -> list[Any]:
-    """Every component with tensors as a module, as SDXLPipeline and ClipEncoder build them."""
-    from shared.weights import build_module
+def first_image_job(embeddings: Any) -> Any:
+    from shared.schemas import DenoiseJob
 
-    return [build_module(part) for part in components.values() if part.tensors]
+    return DenoiseJob(
+        id="cold-start",
+        model="bench",
+        embeddings=embeddings,
+        width=64,
+        height=64,
+        steps=2,
+        guidance_scale=5.0,
+        seeds=[1],
+        created_at=time.time(),
+    )
 
 
-def from_object_store(model_dir: Path):
-    """ray.put once (what ModelCache does at load), then time what a new replica does."""
+def start_replica(fetch: Callable[[], Components]) -> dict[str, float]:
+    """What a new replica does, timed: fetch weights, build modules, then make the first image."""
+    from deployments.encoder import build_prompt_encoder
+    from deployments.sdxl import build_engine
+
+    started = time.perf_counter()
+    components = fetch()
+    encoder = build_prompt_encoder(components)
+    engine = build_engine(components, "float32", "cpu")
+    ready = time.perf_counter()
+    (embeddings,) = encoder.encode([(PROMPT, None)])
+    engine.run(first_image_job(embeddings), lambda event: None, lambda: False)
+    done = time.perf_counter()
+    return {"weights ready": (ready - started) * 1000, "first image": (done - started) * 1000}
+
+
+def measure_starts(
+    fetch: Callable[[], Components], runs: int, warmup: int
+) -> dict[str, list[float]]:
+    for _ in range(warmup):
+        start_replica(fetch)
+    samples: dict[str, list[float]] = {"weights ready": [], "first image": []}
+    for _ in range(runs):
+        for phase, ms in start_replica(fetch).items():
+            samples[phase].append(ms)
+    return samples
+
+
+def put_in_object_store(model_dir: Path) -> dict[str, Any]:
+    """`ray.put` once, as ModelCache does at load; replicas then only `ray.get` the refs."""
     import ray
 
     from shared.config import ModelConfig
     from shared.weights import load_model
 
     weights = load_model(ModelConfig(id="bench", source=str(model_dir)), extra=EXTRA)
-    refs = {name: ray.put(part) for name, part in weights.components.items()}
-    del weights
-
-    def run() -> None:
-        build_all(dict(zip(refs, ray.get(list(refs.values())), strict=True)))
-
-    return run, refs
+    return {name: ray.put(part) for name, part in weights.components.items()}
 
 
-def from_folder(model_dir: Path):
+def from_refs(refs: dict[str, Any]) -> Callable[[], Components]:
+    import ray
+
+    return lambda: dict(zip(refs, ray.get(list(refs.values())), strict=True))
+
+
+def from_source(source: str, storage_options: dict[str, Any] | None = None) -> Callable:
     from shared.config import ModelConfig
     from shared.weights import load_model
 
-    config = ModelConfig(id="bench", source=str(model_dir))
-
-    def run() -> None:
-        build_all(load_model(config, extra=EXTRA).components)
-
-    return run
+    config = ModelConfig(id="bench", source=source, storage_options=storage_options or {})
+    return lambda: load_model(config, extra=EXTRA).components
 
 
-def from_s3(model_dir: Path):
-    """A moto S3 server on 127.0.0.1 holding the model: the timed function and the server."""
-    from shared.config import ModelConfig
-    from shared.weights import load_model
+def start_s3(model_dir: Path) -> tuple[Any, str]:
+    """A moto S3 server on 127.0.0.1 holding the model: the server and the model's URL."""
     from tests.s3_server import FAKE_CREDENTIALS, S3Server
 
     os.environ.update(FAKE_CREDENTIALS)
@@ -75,12 +118,71 @@ def from_s3(model_dir: Path):
     server.start()
     url = f"s3://models/{model_dir.name}"
     server.upload_folder(model_dir, url)
-    config = ModelConfig(id="bench", source=url, storage_options=server.storage_options())
+    return server, url
 
-    def run() -> None:
-        build_all(load_model(config, extra=EXTRA).components)
 
-    return run, server
+# ------------------------------------------------------------------------------ second replica
+
+
+def replica_memory(refs: dict[str, Any], model_dir: Path) -> dict[str, dict[str, float]]:
+    """Private/resident growth of two replica processes on this node that build the engine and
+    make an image: from the object-store refs, and (baseline) each reading the local folder."""
+    import ray
+
+    from deployments.encoder import build_prompt_encoder
+
+    encoder = build_prompt_encoder(from_refs(refs)())
+    (embeddings,) = encoder.encode([(PROMPT, None)])
+    job = first_image_job(embeddings)
+
+    @ray.remote(num_cpus=0)
+    class Replica:
+        """A process that builds the engine as SDXLPipeline does and reports its own memory."""
+
+        def __init__(self) -> None:
+            import deployments.sdxl  # noqa: F401  (the replica's imports, before the baseline)
+
+        def memory(self) -> tuple[int, int]:
+            import psutil
+
+            info = psutil.Process().memory_full_info()
+            return info.uss, info.rss
+
+        def serve_first_image(self, source: dict[str, Any] | str) -> None:
+            from deployments.sdxl import build_engine
+            from shared.config import ModelConfig
+            from shared.weights import load_model
+
+            if isinstance(source, str):
+                components = load_model(ModelConfig(id="bench", source=source)).components
+            else:
+                components = dict(zip(source, ray.get(list(source.values())), strict=True))
+            self.engine = build_engine(components, "float32", "cpu")
+            self.engine.run(job, lambda event: None, lambda: False)
+
+    engine_refs = {name: refs[name] for name in (*ENGINE_FOLDERS, "scheduler")}
+    results: dict[str, dict[str, float]] = {}
+    for label, source in (("object store", engine_refs), ("local folder", str(model_dir))):
+        replicas = [Replica.remote() for _ in range(2)]
+        for index, replica in enumerate(replicas, start=1):
+            uss, rss = ray.get(replica.memory.remote())
+            ray.get(replica.serve_first_image.remote(source))
+            uss_after, rss_after = ray.get(replica.memory.remote())
+            results[f"{label}, replica {index}"] = {
+                "private_mb": (uss_after - uss) / 1e6,
+                "resident_mb": (rss_after - rss) / 1e6,
+            }
+        for replica in replicas:
+            ray.kill(replica)
+    return results
+
+
+def print_memory(memory: dict[str, dict[str, float]], engine_bytes: int) -> None:
+    print(f"\nreplica memory growth, engine weights {engine_bytes / 1e6:.0f} MB")
+    print(f"{'replica':<28}{'private MB':>12}{'resident MB':>13}{'private/model':>15}")
+    for name, row in memory.items():
+        share = row["private_mb"] * 1e6 / engine_bytes
+        print(f"{name:<28}{row['private_mb']:>12.0f}{row['resident_mb']:>13.0f}{share:>15.1%}")
 
 
 def main() -> None:
@@ -99,25 +201,52 @@ def main() -> None:
 
     model_dir = resolve_builtin(preset)
     nbytes = sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file())
+    engine_bytes = sum(
+        p.stat().st_size for name in ENGINE_FOLDERS for p in (model_dir / name).glob("*")
+    )
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    rows: dict[str, dict[str, float]] = {}
+    samples: dict[str, dict[str, list[float]]] = {}
     try:
-        store_run, _refs = from_object_store(model_dir)
-        rows["object store"] = summarize(measure(store_run, runs, warmup))
-        rows["local folder"] = summarize(measure(from_folder(model_dir), runs, warmup))
-        s3_run, server = from_s3(model_dir)
+        refs = put_in_object_store(model_dir)
+        samples["object store"] = measure_starts(from_refs(refs), runs, warmup)
+        samples["local folder"] = measure_starts(from_source(str(model_dir)), runs, warmup)
+        server, url = start_s3(model_dir)
         try:
-            rows["S3 (loopback moto)"] = summarize(measure(s3_run, runs, warmup))
+            s3 = from_source(url, server.storage_options())
+            samples["S3 (loopback moto)"] = measure_starts(s3, runs, warmup)
         finally:
             server.stop()
+        memory = replica_memory(refs, model_dir)
     finally:
         ray.shutdown()
 
-    title = f"weights ready (built modules), `{preset}` preset ({nbytes / 1e6:.0f} MB), CPU"
-    print_table(title, rows, baseline="object store")
+    phases = {
+        phase: {path: summarize(by_phase[phase]) for path, by_phase in samples.items()}
+        for phase in ("weights ready", "first image")
+    }
+    for phase, rows in phases.items():
+        title = f"replica start to {phase}, `{preset}` preset ({nbytes / 1e6:.0f} MB), CPU"
+        print_table(title, rows, baseline="object store")
+    print_memory(memory, engine_bytes)
+
     name = "cold_start_smoke" if args.smoke else "cold_start"
-    config = {"preset": preset, "model_bytes": nbytes, "runs": runs, "warmup": warmup}
-    path = save(name, config, rows, "object store", ylabel="time to weights ready p50 (ms)")
+    config = {
+        "preset": preset,
+        "model_bytes": nbytes,
+        "engine_bytes": engine_bytes,
+        "runs": runs,
+        "warmup": warmup,
+        "first_image": "64x64, 2 steps, 1 prompt",
+    }
+    extra = {"first_image": phases["first image"], "replica_memory": memory}
+    path = save(
+        name,
+        config,
+        phases["weights ready"],
+        "object store",
+        ylabel="time to weights ready p50 (ms)",
+        extra=extra,
+    )
     print(f"saved {path} and {path.with_suffix('.png')}")
 
 

@@ -55,8 +55,10 @@ def save(
     rows: dict[str, dict[str, float]],
     baseline: str,
     ylabel: str = "latency p50 (ms)",
+    extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write results/<name>.json (config echoed, percentiles, ratios) and results/<name>.png."""
+    """Write results/<name>.json (config echoed, percentiles, ratios, any `extra` sections) and
+    results/<name>.png (p50 and p95 of `rows`)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     base = rows[baseline]["p50"]
     payload = {
@@ -70,6 +72,7 @@ def save(
         "baseline": baseline,
         "results": rows,
         "ratios_p50": {k: v["p50"] / base for k, v in rows.items()},
+        **(extra or {}),
     }
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2))

@@ -18,9 +18,9 @@ from ray.serve.handle import DeploymentHandle
 from deployments.model_cache import fetch_components
 from shared.config import AppConfig
 from shared.errors import InvalidRequestError
+from shared.modules import build_module, build_tokenizer
 from shared.schemas import PromptEmbeddings
 from shared.text import PromptEncoder
-from shared.weights import build_module, build_tokenizer
 
 EncodeKey = tuple[str, str, str | None]
 TEXT_COMPONENTS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")

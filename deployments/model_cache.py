@@ -56,9 +56,10 @@ class CacheEntry:
     error: ServeError | None = None
     last_used: float = 0.0
     load_seconds: float = 0.0
+    loads: int = 0  # reads from the source, failed ones included
 
     def describe(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"state": self.state, "bytes": self.nbytes}
+        info: dict[str, Any] = {"state": self.state, "bytes": self.nbytes, "loads": self.loads}
         if self.state == "cached":
             info["load_seconds"] = round(self.load_seconds, 3)
         if self.error is not None:
@@ -128,6 +129,7 @@ class ModelCache:
         """Read and store one model; a failure is recorded (and reported), never a crash loop."""
         entry = self._entries[model.id]
         entry.state, entry.error = "loading", None
+        entry.loads += 1
         try:
             weights = self._read(model)
         except ServeError as exc:

@@ -8,6 +8,7 @@ loop with `call_soon_threadsafe`. When the caller goes away Serve cancels the ge
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -23,8 +24,8 @@ from deployments.model_cache import fetch_components
 from shared.config import AppConfig
 from shared.engine import SDXLEngine
 from shared.errors import GenerationError, RequestCancelledError
+from shared.modules import build_module, build_scheduler_config
 from shared.schemas import DenoiseJob, ResultEvent, StepEvent
-from shared.weights import build_module, build_scheduler_config
 
 ENGINE_COMPONENTS = ("unet", "vae", "scheduler", "taesd")
 RECENT_JOBS = 256
@@ -60,6 +61,12 @@ def _replica_id() -> str:
         return "local"
 
 
+def _node_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 @serve.deployment(name="SDXLPipeline")
 class SDXLPipeline:
     def __init__(
@@ -75,6 +82,7 @@ class SDXLPipeline:
         # One GPU job at a time per replica: concurrent jobs would only fight for the same SMs.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="denoise")
         self._jobs: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._built: set[str] = set()  # models whose engine this replica has built
         self._steps = metrics.Counter("sdxl_steps", description="Denoising steps executed.")
         self._outcomes = metrics.Counter(
             "sdxl_jobs", description="Finished jobs by outcome.", tag_keys=("outcome",)
@@ -91,7 +99,9 @@ class SDXLPipeline:
         if model is None:
             raise GenerationError(f"model {model_id!r} is not served by this deployment")
         components = await fetch_components(self._cache, model_id, ENGINE_COMPONENTS)
-        return await asyncio.to_thread(self._build, components, model.dtype, self._device)
+        engine = await asyncio.to_thread(self._build, components, model.dtype, self._device)
+        self._built.add(model_id)
+        return engine
 
     async def stream(self, job: DenoiseJob) -> AsyncIterator[StepEvent | ResultEvent]:
         """Run one job, yielding a StepEvent per step and finally the ResultEvent."""
@@ -147,6 +157,16 @@ class SDXLPipeline:
         """Steps executed and outcome of a recent job on this replica (None if unknown)."""
         record = self._jobs.get(job_id)
         return dict(record) if record is not None else None
+
+    async def replica_info(self) -> dict[str, Any]:
+        """Where this replica runs and which models it has built engines for since it started."""
+        return {
+            "replica": _replica_id(),
+            "node_id": _node_id(),
+            "pid": os.getpid(),
+            "device": self._device,
+            "models_built": sorted(self._built),
+        }
 
     async def ping(self) -> str:
         return "ok"

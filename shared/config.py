@@ -115,11 +115,20 @@ class DeploymentOptions(_Strict):
     )
     health_check_period_s: float = Field(10, gt=0, le=600, description="Health check period.")
     health_check_timeout_s: float = Field(60, gt=0, le=3600, description="Health check timeout.")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources per replica, e.g. `{cpu_pool: 0.01}` to pin ModelCache "
+        "to nodes that are never scaled away.",
+    )
 
     def serve_options(self) -> dict[str, Any]:
         """Keyword arguments for `Deployment.options`."""
         options: dict[str, Any] = {
-            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "ray_actor_options": {
+                "num_cpus": self.num_cpus,
+                "num_gpus": self.num_gpus,
+                **({"resources": dict(self.resources)} if self.resources else {}),
+            },
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,

@@ -1,5 +1,5 @@
-"""One local Ray cluster and one Serve instance per test session, serving the checked-in default
-app (serve_config.yaml) on a free loopback port; tests talk real HTTP to it."""
+"""One single-node Ray cluster and one Serve instance for the `tests/serve` package, serving the
+checked-in default app (serve_config.yaml) on a free loopback port; tests talk real HTTP to it."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from tests.serve.harness import default_app_args, free_port, wait_ready
 APP_NAME = "diffusion"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ray_session() -> Iterator[int]:
     import ray
     from ray import serve
@@ -32,7 +32,7 @@ def ray_session() -> Iterator[int]:
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def app_url(ray_session: int, tiny_model_dir: Path) -> str:
     """The default app, with one fixed SDXLPipeline replica so per-job stats are on one replica."""
     from ray import serve

@@ -7,9 +7,8 @@ deletes it at the end, so it never disturbs the default app other serve tests us
 
 from __future__ import annotations
 
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -17,90 +16,19 @@ from typing import Any
 import pytest
 
 from tests.s3_server import S3Server
-from tests.serve.harness import default_app_args
+from tests.serve.harness import (
+    app_args,
+    assert_image,
+    cache_status,
+    deploy,
+    generate,
+    kill_replica,
+    replica_actor_names,
+    wait_for,
+)
 
 S3_APP = "cache-s3"
 LOSS_APP = "cache-loss"
-REQUEST = {"prompt": "a photo of a cat", "width": 64, "height": 64, "steps": 2}
-
-
-def app_args(models: list[dict[str, Any]], pipeline_replicas: int = 1) -> dict[str, Any]:
-    args = default_app_args()
-    args["models"] = [
-        {"default_width": 64, "default_height": 64, "default_steps": 2, **model} for model in models
-    ]
-    pipeline = args["pipeline_deployment"]
-    pipeline.pop("autoscaling", None)
-    # Small reservations: the session's Ray also runs the default app on a 2-core CI machine.
-    pipeline.update(
-        num_cpus=0.1, num_replicas=pipeline_replicas, max_ongoing_requests=4, max_queued_requests=32
-    )
-    # Notice a dead cache replica within about a second instead of the default 10 s.
-    args["cache_deployment"].update(health_check_period_s=1, health_check_timeout_s=10)
-    return args
-
-
-def deploy(name: str, args: dict[str, Any]) -> Any:
-    from ray import serve
-
-    from deployments.app import build_app
-
-    return serve.run(build_app(args), name=name, route_prefix=None)
-
-
-def generate(router: Any, model: str, seed: int, **extra: Any) -> dict[str, Any]:
-    response = router.generate.remote({**REQUEST, "model": model, "seed": seed, **extra})
-    result = response.result(timeout_s=180)
-    return result.model_dump() if hasattr(result, "model_dump") else result
-
-
-def wait_for(condition: Callable[[], Any], timeout_s: float = 120, what: str = "") -> Any:
-    """Poll `condition` until it returns something truthy (exceptions count as "not yet")."""
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            value = condition()
-            if value:
-                return value
-            last = value
-        except Exception as exc:  # the replica may be restarting
-            last = exc
-        time.sleep(0.2)
-    raise TimeoutError(f"timed out waiting for {what or condition}: {last!r}")
-
-
-def replica_actor_names(app: str, deployment: str) -> list[str]:
-    """Names of the live replica actors of one deployment (via the GCS; needs no dashboard)."""
-    import ray
-
-    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
-    return sorted(
-        a["name"]
-        for a in ray.util.list_named_actors(all_namespaces=True)
-        if a["name"].startswith(prefix)
-    )
-
-
-def kill_replica(app: str, deployment: str) -> str:
-    import ray
-
-    (name,) = replica_actor_names(app, deployment)
-    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
-    return name
-
-
-def cache_status(app: str) -> dict[str, Any]:
-    from ray import serve
-
-    cache = serve.get_deployment_handle("ModelCache", app_name=app)
-    return cache.status.remote().result(timeout_s=30)
-
-
-def assert_image(result: dict[str, Any], seed: int) -> None:
-    assert result["backend"] == "local"
-    (image,) = result["images"]
-    assert image["seed"] == seed and image["b64"]
 
 
 # ------------------------------------------------------------------------------------- s3 source
@@ -214,3 +142,26 @@ def test_requests_survive_the_death_of_the_cache_replica(loss_app: Any) -> None:
         lambda: generate(router, "loss-a", seed=4, prompt="a cow"), what="generate on new replica"
     )
     assert_image(result, 4)
+
+
+def test_a_reported_loss_reloads_the_model_once(loss_app: Any) -> None:
+    """Replicas that find the weights gone tell the cache which refs were lost: the first report
+    reloads from the source, the rest get the new refs."""
+    from ray import serve
+
+    cache = serve.get_deployment_handle("ModelCache", app_name=LOSS_APP)
+    lost = cache.get.remote("loss-a").result(timeout_s=60)
+    assert cache_status(LOSS_APP)["loss-a"]["loads"] == 1
+    stale = [ref.hex() for ref in lost.values()]
+
+    reports = [cache.get.remote("loss-a", stale=stale) for _ in range(3)]
+    fresh = [report.result(timeout_s=120) for report in reports]
+
+    assert cache_status(LOSS_APP)["loss-a"]["loads"] == 2
+    hexes = [sorted(ref.hex() for ref in refs.values()) for refs in fresh]
+    assert hexes[0] == hexes[1] == hexes[2]  # one reload, shared by every reporter
+    assert not set(hexes[0]) & set(stale)
+    # Refs nobody reported as lost are served as they are.
+    assert cache.get.remote("loss-a", stale=stale).result(timeout_s=60) == fresh[0]
+    assert cache_status(LOSS_APP)["loss-a"]["loads"] == 2
+    assert_image(generate(router=loss_app, model="loss-a", seed=5), 5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
@@ -37,6 +38,18 @@ def test_default_config_is_cpu_tiny_with_autoscaling() -> None:
     assert pipeline["ray_actor_options"]["num_gpus"] == 0
     assert pipeline["autoscaling_config"]["min_replicas"] == 1
     assert pipeline["autoscaling_config"]["max_replicas"] == 2
+    assert "resources" not in pipeline["ray_actor_options"]  # Ray's default: none
+
+
+def test_custom_resources_reach_ray_actor_options() -> None:
+    parsed = AppConfig.model_validate(
+        {
+            "models": [{"id": "t", "source": "tiny"}],
+            "cache_deployment": {"num_cpus": 0.1, "resources": {"cpu_pool": 0.01}},
+        }
+    )
+    actor = parsed.cache_deployment.serve_options()["ray_actor_options"]
+    assert actor == {"num_cpus": 0.1, "num_gpus": 0, "resources": {"cpu_pool": 0.01}}
 
 
 def test_typos_fail_with_the_field_name() -> None:
@@ -120,3 +133,7 @@ def test_rayservice_manifest_embeds_a_valid_app() -> None:
     (app,) = serve_config["applications"]
     parsed = AppConfig.model_validate(app["args"])
     assert parsed.pipeline_deployment.num_gpus == 1
+    # The cache is pinned to a resource only the head node offers.
+    head = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]
+    (pin,) = parsed.cache_deployment.resources
+    assert json.loads(json.loads(head["resources"])) == {pin: 1}

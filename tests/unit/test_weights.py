@@ -1,4 +1,5 @@
-"""shared/weights.py: sources, safetensors parsing, integrity checks and zero-copy module builds.
+"""Model loading (shared/ weights, sources, tensor_files, modules): sources, safetensors
+parsing, integrity checks and zero-copy module builds.
 
 No Ray: pickling a component stands in for the object store. S3 runs against a real S3-protocol
 server on loopback (moto), whose request log shows how many times each object was fetched.
@@ -26,18 +27,10 @@ from safetensors.torch import load_file, save_file
 
 from shared.config import ModelConfig
 from shared.errors import ModelLoadError
-from shared.weights import (
-    SDXL_COMPONENTS,
-    ComponentWeights,
-    TensorBlob,
-    build_module,
-    build_scheduler_config,
-    build_tokenizer,
-    load_component,
-    load_model,
-    open_source,
-    parse_safetensors,
-)
+from shared.modules import build_module, build_scheduler_config, build_tokenizer
+from shared.sources import open_source
+from shared.tensor_files import TensorBlob, parse_safetensors
+from shared.weights import SDXL_COMPONENTS, ComponentWeights, load_component, load_model
 
 if TYPE_CHECKING:
     from tests.s3_server import S3Server
@@ -264,7 +257,7 @@ def test_parser_keeps_every_dtype_bit_exact() -> None:
     }
     blobs = parse_safetensors(save(tensors), "mixed.safetensors")
     weights = ComponentWeights("x", "diffusers", "X", {}, blobs)
-    from shared.weights import _tensor_view
+    from shared.modules import _tensor_view
 
     for key, tensor in tensors.items():
         view = _tensor_view(weights.tensors[key])

@@ -1,0 +1,66 @@
+"""A real multi-node Ray cluster on this machine: `ray.cluster_utils.Cluster` with a CPU head and
+two worker nodes that each offer one logical GPU, so `num_gpus=1` replicas land one per worker.
+
+Each node runs its own raylet and object store, so weights a replica reads on a worker node travel
+between object stores exactly as they would between machines. Package-scoped: the cluster is shut
+down before `tests/serve` starts its single-node Ray in the same process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from tests.serve.harness import free_port
+
+HEAD_RESOURCE = "head"  # pins the Router, ClipEncoder and ModelCache to the head node
+STORE_BYTES = 256 * 1024**2
+
+
+@dataclass(frozen=True)
+class LocalCluster:
+    http_port: int
+    head_node_id: str
+    worker_node_ids: tuple[str, ...]
+
+
+@pytest.fixture(scope="package")
+def local_cluster() -> Iterator[LocalCluster]:
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 4,
+            "num_gpus": 0,
+            "resources": {HEAD_RESOURCE: 1},
+            "object_store_memory": STORE_BYTES,
+            "include_dashboard": False,
+        },
+    )
+    workers = [
+        cluster.add_node(num_cpus=2, num_gpus=1, object_store_memory=STORE_BYTES) for _ in range(2)
+    ]
+    try:
+        cluster.wait_for_nodes()
+        ray.init(
+            address=cluster.address,
+            runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}},
+            log_to_driver=False,
+        )
+        port = free_port()
+        # One proxy: every node of this "cluster" shares 127.0.0.1, so they cannot all bind `port`.
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+        yield LocalCluster(
+            http_port=port,
+            head_node_id=cluster.head_node.node_id,
+            worker_node_ids=tuple(node.node_id for node in workers),
+        )
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()

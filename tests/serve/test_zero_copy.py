@@ -1,0 +1,89 @@
+"""N replicas on one node hold one copy of the weights.
+
+Two CPU SDXLPipeline replicas build their engine from the same object-store refs. The weights are
+mapped from the node's shared-memory store, so each replica's *private* memory (USS) grows by a
+small fraction of the model while its resident set (RSS) grows by about the model: the pages are
+there, and they are shared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import psutil
+import pytest
+
+from tests.serve.harness import (
+    app_args,
+    assert_image,
+    deploy,
+    generate,
+    replica_infos,
+    wait_for,
+)
+
+APP = "zero-copy"
+ENGINE_FOLDERS = ("unet", "vae", "taesd")  # what SDXLPipeline builds; the text encoders are not
+MAX_PRIVATE_SHARE = 0.10
+
+
+@pytest.fixture(scope="module")
+def small_app(ray_session: int) -> Iterator[tuple[Any, int]]:
+    """The `small` preset (~1 GB) served by two replicas that take one request each at a time."""
+    from ray import serve
+
+    from shared.tiny import resolve_builtin
+
+    folder = resolve_builtin("small")
+    engine_bytes = sum(
+        path.stat().st_size
+        for name in ENGINE_FOLDERS
+        for path in (folder / name).glob("*.safetensors")
+    )
+    args = app_args([{"id": "small", "source": "small", "preload": True}], pipeline_replicas=2)
+    args["pipeline_deployment"].update(max_ongoing_requests=1)
+    router = deploy(APP, args)
+    try:
+        yield router, engine_bytes
+    finally:
+        serve.delete(APP)
+
+
+def memory(pid: int) -> tuple[int, int]:
+    info = psutil.Process(pid).memory_full_info()
+    return info.uss, info.rss
+
+
+def test_two_replicas_on_one_node_share_one_copy(small_app: tuple[Any, int]) -> None:
+    router, engine_bytes = small_app
+    before_build = replica_infos(APP, count=2)
+    assert all(info["models_built"] == [] for info in before_build.values())
+    assert len({info["node_id"] for info in before_build.values()}) == 1
+    before = {replica: memory(info["pid"]) for replica, info in before_build.items()}
+
+    # Concurrent requests with one slot per replica: both replicas build the engine and run it.
+    def both_built() -> bool:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            results = list(pool.map(lambda seed: generate(router, "small", seed), range(4)))
+        for seed, result in enumerate(results):
+            assert_image(result, seed)
+        infos = replica_infos(APP, count=2)
+        return all(info["models_built"] == ["small"] for info in infos.values())
+
+    wait_for(both_built, timeout_s=300, what="both replicas to build the small model")
+
+    after = {replica: memory(info["pid"]) for replica, info in before_build.items()}
+    for replica, (uss_before, rss_before) in before.items():
+        uss_after, rss_after = after[replica]
+        private, resident = uss_after - uss_before, rss_after - rss_before
+        report = (
+            f"replica {replica}: private +{private / 1e6:.0f} MB, resident +{resident / 1e6:.0f} "
+            f"MB, engine weights {engine_bytes / 1e6:.0f} MB"
+        )
+        print(report)
+        # The weights are really mapped and used by this process ...
+        assert resident >= 0.8 * engine_bytes, report
+        # ... and they are not this process's own copy.
+        assert private <= MAX_PRIVATE_SHARE * engine_bytes, report
