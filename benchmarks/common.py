@@ -90,6 +90,9 @@ def _plot(path: Path, title: str, rows: dict[str, dict[str, float]], ylabel: str
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.bar(names, [rows[n]["p50"] for n in names], color="#4C72B0", label="p50")
     ax.scatter(names, [rows[n]["p95"] for n in names], color="#DD8452", zorder=3, label="p95")
+    values = [rows[n]["p50"] for n in names]
+    if max(values) > 20 * min(values):
+        ax.set_yscale("log")  # otherwise the fastest bars vanish next to the slowest
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend()

@@ -29,6 +29,7 @@ from tests.serve.harness import (
 
 S3_APP = "cache-s3"
 LOSS_APP = "cache-loss"
+TAESD = {"taesd": "taesd"}
 
 
 # ------------------------------------------------------------------------------------- s3 source
@@ -165,3 +166,53 @@ def test_a_reported_loss_reloads_the_model_once(loss_app: Any) -> None:
     assert cache.get.remote("loss-a", stale=stale).result(timeout_s=60) == fresh[0]
     assert cache_status(LOSS_APP)["loss-a"]["loads"] == 2
     assert_image(generate(router=loss_app, model="loss-a", seed=5), 5)
+
+
+# -------------------------------------------------------------------------------------- eviction
+
+EVICT_APP = "cache-evict"
+
+
+def test_eviction_past_capacity_never_breaks_a_running_replica(
+    ray_session: int, tiny_model_dir: Path
+) -> None:
+    """Room for one model: loading the second evicts the first from the store, yet the replica
+    that built the first keeps serving it, and the next replica to need it reloads it."""
+    from ray import serve
+
+    from shared.config import ModelConfig
+    from shared.weights import load_model
+
+    one_model = load_model(ModelConfig(id="x", source=str(tiny_model_dir)), extra=TAESD).nbytes
+    models = [
+        {"id": "evict-a", "source": str(tiny_model_dir), "preload": True},
+        {"id": "evict-b", "source": str(tiny_model_dir), "preload": False},
+    ]
+    args = app_args(models)
+    args["cache"] = {"capacity_bytes": int(one_model * 1.5)}
+    router = deploy(EVICT_APP, args)
+    try:
+        first = generate(router, "evict-a", seed=7)
+        assert_image(first, 7)
+        assert_image(generate(router, "evict-b", seed=8), 8)
+        status = cache_status(EVICT_APP)
+        assert status["evict-b"]["state"] == "cached"
+        assert status["evict-a"] | {"loads": 1} == {"state": "not_loaded", "bytes": 0, "loads": 1}
+
+        # The replica's modules still map the evicted objects: same picture, no reload.
+        again = generate(router, "evict-a", seed=7)
+        assert again["images"][0]["b64"] == first["images"][0]["b64"]
+        assert cache_status(EVICT_APP)["evict-a"]["state"] == "not_loaded"
+
+        # A new replica has nothing built: it asks the cache, which reloads (evicting evict-b).
+        killed = kill_replica(EVICT_APP, "SDXLPipeline")
+        wait_for(
+            lambda: replica_actor_names(EVICT_APP, "SDXLPipeline") not in ([], [killed]),
+            what="a new SDXLPipeline replica",
+        )
+        assert_image(wait_for(lambda: generate(router, "evict-a", seed=9)), 9)
+        status = cache_status(EVICT_APP)
+        assert status["evict-a"]["state"] == "cached" and status["evict-a"]["loads"] == 2
+        assert status["evict-b"]["state"] == "not_loaded"
+    finally:
+        serve.delete(EVICT_APP)
