@@ -55,6 +55,7 @@ class CacheEntry:
     nbytes: int = 0
     error: ServeError | None = None
     last_used: float = 0.0
+    failed_at: float = 0.0
     load_seconds: float = 0.0
     loads: int = 0  # reads from the source, failed ones included
 
@@ -104,7 +105,7 @@ class ModelCache:
             lost = any(ref.hex() in (stale or ()) for ref in entry.refs.values())
             if entry.state == "cached" and not lost:
                 self._hits.inc()
-            else:
+            elif not self._failed_recently(entry):
                 await self._load_locked(self._models[model_id])
             entry.last_used = time.monotonic()
             if entry.error is not None:
@@ -116,6 +117,12 @@ class ModelCache:
 
     async def ping(self) -> str:
         return "ok"
+
+    def _failed_recently(self, entry: CacheEntry) -> bool:
+        """A broken source is not re-read for every request (a 7 GB checkpoint with a bad
+        checksum would be downloaded again each time); it is retried after a pause."""
+        retry_after = self._config.cache.retry_failed_after_s
+        return entry.state == "failed" and time.monotonic() - entry.failed_at < retry_after
 
     def _entry(self, model_id: str) -> CacheEntry:
         if model_id not in self._entries:
@@ -134,6 +141,7 @@ class ModelCache:
             weights = self._read(model)
         except ServeError as exc:
             entry.state, entry.error, entry.refs = "failed", exc, {}
+            entry.failed_at = time.monotonic()
             self._loads.inc(tags={"model": model.id, "outcome": "failed"})
             logger.error("loading model %s failed: %s", model.id, exc.message)
             return

@@ -238,14 +238,14 @@ class Router:
             if backends["ModelCache"] == "ok"
             else {}
         )
-        ready = all(r == "ok" for r in results) and not any(
-            s.get("state") == "failed" for s in models.values()
-        )
-        # A provider with an open breaker does not make this server unready: local models serve.
+        # A model that failed to load, like a provider with an open breaker, does not make the
+        # server unready (that would take every other model out of service too): it is listed.
+        failed = sorted(model for model, s in models.items() if s.get("state") == "failed")
         return {
-            "ready": ready,
+            "ready": all(r == "ok" for r in results),
             "backends": backends,
             "models": models,
+            "failed_models": failed,
             "providers": await self._breakers(),
         }
 

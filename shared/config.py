@@ -154,6 +154,13 @@ class CacheConfig(_Strict):
     capacity_bytes: int = Field(
         64 * 1024**3, ge=1, description="Object-store bytes held before LRU eviction."
     )
+    retry_failed_after_s: float = Field(
+        30.0,
+        ge=0,
+        le=86_400,
+        description="A failed load is retried by the first request after this long; requests "
+        "before then get the recorded error without touching the source.",
+    )
 
 
 def _options(**kwargs: Any) -> Any:
