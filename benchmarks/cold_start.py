@@ -31,29 +31,13 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from benchmarks.common import print_table, save, summarize
+from benchmarks.common import denoise_job, print_table, save, summarize
 
 EXTRA = {"taesd": "taesd"}
 ENGINE_FOLDERS = ("unet", "vae", "taesd")
 PROMPT = "a photo of a cat"
 
 Components = dict[str, Any]
-
-
-def first_image_job(embeddings: Any) -> Any:
-    from shared.schemas import DenoiseJob
-
-    return DenoiseJob(
-        id="cold-start",
-        model="bench",
-        embeddings=embeddings,
-        width=64,
-        height=64,
-        steps=2,
-        guidance_scale=5.0,
-        seeds=[1],
-        created_at=time.time(),
-    )
 
 
 def start_replica(fetch: Callable[[], Components]) -> dict[str, float]:
@@ -67,7 +51,7 @@ def start_replica(fetch: Callable[[], Components]) -> dict[str, float]:
     engine = build_engine(components, "float32", "cpu")
     ready = time.perf_counter()
     (embeddings,) = encoder.encode([(PROMPT, None)])
-    engine.run(first_image_job(embeddings), lambda event: None, lambda: False)
+    engine.run(denoise_job(embeddings, steps=2), lambda event: None, lambda: False)
     done = time.perf_counter()
     return {"weights ready": (ready - started) * 1000, "first image": (done - started) * 1000}
 
@@ -133,7 +117,7 @@ def replica_memory(refs: dict[str, Any], model_dir: Path) -> dict[str, dict[str,
 
     encoder = build_prompt_encoder(from_refs(refs)())
     (embeddings,) = encoder.encode([(PROMPT, None)])
-    job = first_image_job(embeddings)
+    job = denoise_job(embeddings, steps=2)
 
     @ray.remote(num_cpus=0)
     class Replica:

@@ -13,6 +13,23 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def denoise_job(embeddings: Any, steps: int, guidance_scale: float = 5.0, seed: int = 1) -> Any:
+    """A 64x64 one-image job, as the Router would hand it to SDXLPipeline."""
+    from shared.schemas import DenoiseJob
+
+    return DenoiseJob(
+        id="bench",
+        model="bench",
+        embeddings=embeddings,
+        width=64,
+        height=64,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        seeds=[seed],
+        created_at=time.time(),
+    )
+
+
 def measure(fn: Callable[[], Any], runs: int, warmup: int) -> list[float]:
     """Milliseconds per call of `fn`, warm-up calls excluded."""
     for _ in range(warmup):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -18,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from benchmarks.common import measure, print_table, save, summarize
+from benchmarks.common import denoise_job, measure, print_table, save, summarize
 
 REQUEST = {
     "model": "tiny",
@@ -34,7 +33,6 @@ REQUEST = {
 def in_process(model_dir: Path):
     """The engine and encoder called directly: the floor any serving path is compared with."""
     from shared.engine import SDXLEngine
-    from shared.schemas import DenoiseJob
     from shared.text import PromptEncoder
 
     encoder = PromptEncoder.from_pretrained_dir(model_dir)
@@ -42,17 +40,7 @@ def in_process(model_dir: Path):
 
     def call() -> None:
         (embeddings,) = encoder.encode([(REQUEST["prompt"], None)])
-        job = DenoiseJob(
-            id="bench",
-            model="tiny",
-            embeddings=embeddings,
-            width=64,
-            height=64,
-            steps=REQUEST["steps"],
-            guidance_scale=REQUEST["guidance_scale"],
-            seeds=[REQUEST["seed"]],
-            created_at=time.time(),
-        )
+        job = denoise_job(embeddings, REQUEST["steps"], REQUEST["guidance_scale"], REQUEST["seed"])
         engine.run(job, lambda event: None, lambda: False)
 
     return call
