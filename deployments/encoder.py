@@ -11,6 +11,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+import ray
 from ray import serve
 from ray.serve import metrics
 from ray.serve.handle import DeploymentHandle
@@ -18,7 +19,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.model_cache import fetch_components
 from shared.config import AppConfig
 from shared.errors import InvalidRequestError
-from shared.modules import build_module, build_tokenizer
+from shared.modules import build_module, build_tokenizer, pick_device
 from shared.schemas import PromptEmbeddings
 from shared.text import PromptEncoder
 
@@ -26,13 +27,22 @@ EncodeKey = tuple[str, str, str | None]
 TEXT_COMPONENTS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")
 
 
-def build_prompt_encoder(components: dict[str, Any], device: str = "cpu") -> PromptEncoder:
-    """Build a PromptEncoder from object-store components (zero-copy on CPU)."""
+def build_prompt_encoder(
+    components: dict[str, Any], dtype_name: str = "float32", device: str = "cpu"
+) -> PromptEncoder:
+    """Build a PromptEncoder from object-store components.
+
+    On CPU the encoders keep the stored dtype (zero-copy, and fp16 matmuls are slow there); on a
+    GPU they are copied once to the device in the model's compute dtype.
+    """
+    import torch
+
+    dtype = None if device == "cpu" else getattr(torch, dtype_name)
     return PromptEncoder(
         tokenizer=build_tokenizer(components["tokenizer"]),
         tokenizer_2=build_tokenizer(components["tokenizer_2"]),
-        text_encoder=build_module(components["text_encoder"], device=device),
-        text_encoder_2=build_module(components["text_encoder_2"], device=device),
+        text_encoder=build_module(components["text_encoder"], device=device, dtype=dtype),
+        text_encoder_2=build_module(components["text_encoder_2"], device=device, dtype=dtype),
         device=device,
     )
 
@@ -43,11 +53,12 @@ class ClipEncoder:
         self,
         config: AppConfig,
         cache: DeploymentHandle,
-        encoder_builder: Callable[[dict[str, Any]], PromptEncoder] = build_prompt_encoder,
+        encoder_builder: Callable[[dict[str, Any], str, str], PromptEncoder] = build_prompt_encoder,
     ) -> None:
         self._config = config
         self._cache = cache
         self._build = encoder_builder
+        self._device = pick_device(len(ray.get_gpu_ids()))  # a GPU only if the config gives one
         self._encoders: dict[str, PromptEncoder] = {}
         self._locks = {m.id: asyncio.Lock() for m in config.models}
         self._lru: OrderedDict[EncodeKey, PromptEmbeddings] = OrderedDict()
@@ -102,7 +113,11 @@ class ClipEncoder:
         async with self._locks.setdefault(model_id, asyncio.Lock()):
             if model_id not in self._encoders:
                 components = await fetch_components(self._cache, model_id, TEXT_COMPONENTS)
-                self._encoders[model_id] = await asyncio.to_thread(self._build, components)
+                model = self._config.model(model_id)
+                dtype = model.dtype if model is not None else "float32"
+                self._encoders[model_id] = await asyncio.to_thread(
+                    self._build, components, dtype, self._device
+                )
         return self._encoders[model_id]
 
     def _remember(self, key: EncodeKey, embeddings: PromptEmbeddings) -> None:

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import ray
 from ray import serve
 from ray.serve import metrics
 from ray.serve.handle import DeploymentHandle
@@ -24,18 +25,12 @@ from deployments.model_cache import fetch_components
 from shared.config import AppConfig
 from shared.engine import SDXLEngine
 from shared.errors import GenerationError, RequestCancelledError
-from shared.modules import build_module, build_scheduler_config
+from shared.modules import build_module, build_scheduler_config, pick_device
 from shared.schemas import DenoiseJob, ResultEvent, StepEvent
 
 ENGINE_COMPONENTS = ("unet", "vae", "scheduler", "taesd")
 RECENT_JOBS = 256
 _DONE = object()
-
-
-def pick_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def build_engine(components: dict[str, Any], dtype_name: str, device: str) -> SDXLEngine:
@@ -62,8 +57,6 @@ def _replica_id() -> str:
 
 
 def _node_id() -> str | None:
-    import ray
-
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
@@ -78,7 +71,7 @@ class SDXLPipeline:
         self._config = config
         self._cache = cache
         self._build = engine_builder
-        self._device = pick_device()
+        self._device = pick_device(len(ray.get_gpu_ids()))
         # One GPU job at a time per replica: concurrent jobs would only fight for the same SMs.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="denoise")
         self._jobs: OrderedDict[str, dict[str, Any]] = OrderedDict()

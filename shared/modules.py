@@ -30,6 +30,18 @@ if TYPE_CHECKING:
     from shared.weights import ComponentWeights
 
 
+def pick_device(assigned_gpus: int) -> str:
+    """`cuda` if this process was given a GPU and one is there, else `cpu`.
+
+    Asking only `torch.cuda.is_available()` is not enough under Ray: a replica with `num_gpus: 0`
+    on a GPU node still sees every GPU (Ray leaves CUDA_VISIBLE_DEVICES alone when it assigns
+    none), and would quietly share one with the replicas that reserved it.
+    """
+    import torch
+
+    return "cuda" if assigned_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
 def build_module(
     weights: ComponentWeights, device: str = "cpu", dtype: torch.dtype | None = None
 ) -> torch.nn.Module:

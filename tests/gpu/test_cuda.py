@@ -39,7 +39,8 @@ def test_engine_generates_on_cuda_from_object_store_components(tiny_model_dir: P
         ModelConfig(id="t", source=str(tiny_model_dir)), extra={"taesd": "taesd"}
     ).components
     engine = build_engine(components, "float16", "cuda")
-    (embeddings,) = build_prompt_encoder(components).encode([("a photo of a cat", None)])
+    encoder = build_prompt_encoder(components, "float16", "cuda")
+    (embeddings,) = encoder.encode([("a photo of a cat", None)])
     job = DenoiseJob(
         id="gpu",
         model="t",

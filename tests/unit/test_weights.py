@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from shared.config import ModelConfig
 from shared.errors import ModelLoadError
-from shared.modules import build_module, build_scheduler_config, build_tokenizer
+from shared.modules import build_module, build_scheduler_config, build_tokenizer, pick_device
 from shared.sources import open_source
 from shared.tensor_files import TensorBlob, parse_safetensors
 from shared.weights import SDXL_COMPONENTS, ComponentWeights, load_component, load_model
@@ -532,3 +532,8 @@ def test_s3_unreachable_endpoint_fails_fast_without_echoing_credentials(
     error = _errors(lambda: load_model(_config(source="s3://models/tiny", storage_options=options)))
     assert time.monotonic() - started < 15
     assert error.code == "source_unreachable" and secret not in error.message
+
+
+def test_a_process_without_an_assigned_gpu_runs_on_the_cpu() -> None:
+    assert pick_device(0) == "cpu"  # even on a GPU node: Ray gave this process no GPU
+    assert pick_device(1) == ("cuda" if torch.cuda.is_available() else "cpu")
