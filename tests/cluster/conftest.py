@@ -9,11 +9,16 @@ down before `tests/serve` starts its single-node Ray in the same process.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
-from tests.serve.harness import free_port
+from tests.s3_server import S3Server
+from tests.serve.harness import app_args, free_port
 
 HEAD_RESOURCE = "head"  # pins the Router, ClipEncoder and ModelCache to the head node
 STORE_BYTES = 256 * 1024**2
@@ -64,3 +69,39 @@ def local_cluster() -> Iterator[LocalCluster]:
         serve.shutdown()
         ray.shutdown()
         cluster.shutdown()
+
+
+@contextmanager
+def tiny_app_from_s3(
+    cluster: LocalCluster,
+    s3_server: S3Server,
+    tiny_model_dir: Path,
+    app: str,
+    model: dict[str, Any],
+    pipeline: dict[str, Any],
+) -> Iterator[httpx.Client]:
+    """Deploy `app` serving the tiny model from its own `s3://models/<app>` prefix (so S3 GETs of
+    other tests never mix in), SDXLPipeline with `pipeline` options on the GPU workers and every
+    other deployment on the head; yields an HTTP client for the app's route, `/<app>`."""
+    from ray import serve
+
+    from deployments.app import build_app
+
+    url = f"s3://models/{app}"
+    s3_server.upload_folder(tiny_model_dir, url)
+    options = s3_server.storage_options(
+        key="testing", secret="testing", client_kwargs={"region_name": "us-east-1"}
+    )
+    args = app_args([{"source": url, "storage_options": options, **model}])
+    args["pipeline_deployment"].update(num_gpus=1, num_cpus=0.5, max_ongoing_requests=1)
+    args["pipeline_deployment"].update(pipeline)
+    for name in ("router_deployment", "encoder_deployment", "cache_deployment"):
+        args[name]["resources"] = {HEAD_RESOURCE: 0.01}
+    s3_server.clear_log()
+    serve.run(build_app(args), name=app, route_prefix=f"/{app}")
+    base = f"http://127.0.0.1:{cluster.http_port}/{app}"
+    try:
+        with httpx.Client(base_url=base, timeout=180) as http:
+            yield http
+    finally:
+        serve.delete(app)

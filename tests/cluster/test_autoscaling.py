@@ -12,49 +12,35 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.cluster.conftest import HEAD_RESOURCE, LocalCluster
+from tests.cluster.conftest import LocalCluster, tiny_app_from_s3
 from tests.s3_server import S3Server
-from tests.serve.harness import REQUEST, app_args, replica_actor_names, replica_infos, wait_for
+from tests.serve.harness import REQUEST, replica_actor_names, replica_infos, wait_for
 
 APP = "autoscale"
 MODEL = "as-tiny"
-URL = "s3://models/autoscale-tiny"
+URL = f"s3://models/{APP}"
 
 
 @pytest.fixture(scope="module")
 def autoscaled(
     local_cluster: LocalCluster, s3_server: S3Server, tiny_model_dir: Path
 ) -> Iterator[httpx.Client]:
-    from ray import serve
-
-    from deployments.app import build_app
-
-    s3_server.upload_folder(tiny_model_dir, URL)
-    options = s3_server.storage_options(
-        key="testing", secret="testing", client_kwargs={"region_name": "us-east-1"}
-    )
-    args = app_args([{"id": MODEL, "source": URL, "storage_options": options, "preload": True}])
-    pipeline = args["pipeline_deployment"]
-    pipeline.pop("num_replicas")
-    pipeline.update(
-        num_gpus=1,
-        num_cpus=0.5,
-        max_ongoing_requests=1,
-        autoscaling={
-            "min_replicas": 1,
-            "max_replicas": 2,
-            "target_ongoing_requests": 1,
-            "upscale_delay_s": 0,
-            "downscale_delay_s": 600,
-        },
-    )
-    for name in ("router_deployment", "encoder_deployment", "cache_deployment"):
-        args[name]["resources"] = {HEAD_RESOURCE: 0.01}
-    serve.run(build_app(args), name=APP, route_prefix="/autoscale")
-    base = f"http://127.0.0.1:{local_cluster.http_port}/autoscale"
-    with httpx.Client(base_url=base, timeout=180) as http:
+    autoscaling = {
+        "min_replicas": 1,
+        "max_replicas": 2,
+        "target_ongoing_requests": 1,
+        "upscale_delay_s": 0,
+        "downscale_delay_s": 600,
+    }
+    with tiny_app_from_s3(
+        local_cluster,
+        s3_server,
+        tiny_model_dir,
+        APP,
+        model={"id": MODEL, "preload": True},
+        pipeline={"num_replicas": None, "autoscaling": autoscaling},
+    ) as http:
         yield http
-    serve.delete(APP)
 
 
 def both_serving() -> dict[str, dict] | None:

@@ -16,11 +16,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.cluster.conftest import HEAD_RESOURCE, LocalCluster
+from tests.cluster.conftest import LocalCluster, tiny_app_from_s3
 from tests.s3_server import S3Server
 from tests.serve.harness import (
     REQUEST,
-    app_args,
     cache_status,
     kill_replica,
     replica_actor_names,
@@ -30,33 +29,18 @@ from tests.serve.harness import (
 
 APP = "multinode"
 MODEL = "mn-tiny"
-URL = "s3://models/multinode-tiny"
+URL = f"s3://models/{APP}"
 
 
 @pytest.fixture(scope="module")
 def cluster_app(
     local_cluster: LocalCluster, s3_server: S3Server, tiny_model_dir: Path
 ) -> Iterator[httpx.Client]:
-    from ray import serve
-
-    from deployments.app import build_app
-
-    s3_server.upload_folder(tiny_model_dir, URL)
-    options = s3_server.storage_options(
-        key="testing", secret="testing", client_kwargs={"region_name": "us-east-1"}
-    )
-    args = app_args(
-        [{"id": MODEL, "source": URL, "storage_options": options, "preload": False}],
-        pipeline_replicas=2,
-    )
-    args["pipeline_deployment"].update(num_gpus=1, num_cpus=0.5, max_ongoing_requests=1)
-    for name in ("router_deployment", "encoder_deployment", "cache_deployment"):
-        args[name]["resources"] = {HEAD_RESOURCE: 0.01}
-    s3_server.clear_log()
-    serve.run(build_app(args), name=APP, route_prefix="/")
-    with httpx.Client(base_url=f"http://127.0.0.1:{local_cluster.http_port}", timeout=180) as http:
+    model = {"id": MODEL, "preload": False}
+    with tiny_app_from_s3(
+        local_cluster, s3_server, tiny_model_dir, APP, model, pipeline={"num_replicas": 2}
+    ) as http:
         yield http
-    serve.delete(APP)
 
 
 def generate_over_http(http: httpx.Client, seeds: range) -> None:
