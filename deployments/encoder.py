@@ -32,12 +32,13 @@ def build_prompt_encoder(
 ) -> PromptEncoder:
     """Build a PromptEncoder from object-store components.
 
-    On CPU the encoders keep the stored dtype (zero-copy, and fp16 matmuls are slow there); on a
-    GPU they are copied once to the device in the model's compute dtype.
+    On a GPU the encoders are copied once to the device in the model's compute dtype. On the CPU
+    they compute in float32: fp32 weights stay zero-copy views, fp16/bf16 ones are upcast (a
+    private copy, but half-precision matmuls on a CPU are several times slower).
     """
     import torch
 
-    dtype = None if device == "cpu" else getattr(torch, dtype_name)
+    dtype = torch.float32 if device == "cpu" else getattr(torch, dtype_name)
     return PromptEncoder(
         tokenizer=build_tokenizer(components["tokenizer"]),
         tokenizer_2=build_tokenizer(components["tokenizer_2"]),

@@ -8,6 +8,7 @@ arrays zero-copy from their node's store; Ray copies them between nodes on first
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from ray.serve import metrics
 from ray.serve.handle import DeploymentHandle
 
 from shared.config import AppConfig, ModelConfig
-from shared.errors import NotFoundError, ServeError
+from shared.errors import ModelLoadError, NotFoundError, ServeError
 from shared.weights import ComponentWeights, ModelWeights, load_model
 
 logger = logging.getLogger("ray.serve")
@@ -46,6 +47,11 @@ async def fetch_components(
 async def _gather(refs: dict[str, ray.ObjectRef], names: tuple[str, ...]) -> dict[str, Any]:
     wanted = {name: refs[name] for name in names if name in refs}
     return dict(zip(wanted, await asyncio.gather(*wanted.values()), strict=True))
+
+
+def _unexpected_load_error(model: ModelConfig, exc: Exception) -> ModelLoadError:
+    logger.exception("unexpected error loading model %s", model.id, exc_info=exc)
+    return ModelLoadError(f"model {model.id!r} could not be loaded: {type(exc).__name__}: {exc}")
 
 
 @dataclass
@@ -109,7 +115,9 @@ class ModelCache:
                 await self._load_locked(self._models[model_id])
             entry.last_used = time.monotonic()
             if entry.error is not None:
-                raise entry.error
+                # A fresh copy each time: re-raising one object would chain every request's
+                # frames onto its traceback (and keep them alive) for as long as the model fails.
+                raise copy.copy(entry.error)
             return dict(entry.refs)
 
     async def status(self) -> dict[str, dict[str, Any]]:
@@ -138,14 +146,13 @@ class ModelCache:
         entry.state, entry.error = "loading", None
         entry.loads += 1
         try:
-            weights = self._read(model)
-        except ServeError as exc:
-            entry.state, entry.error, entry.refs = "failed", exc, {}
+            self._store(model, self._read(model))
+        except Exception as exc:  # any failure, expected or not, is this model's, not the cache's
+            error = exc if isinstance(exc, ServeError) else _unexpected_load_error(model, exc)
+            entry.state, entry.error, entry.refs = "failed", error, {}
             entry.failed_at = time.monotonic()
             self._loads.inc(tags={"model": model.id, "outcome": "failed"})
-            logger.error("loading model %s failed: %s", model.id, exc.message)
-            return
-        self._store(model, weights)
+            logger.error("loading model %s failed: %s", model.id, error.message)
 
     def _read(self, model: ModelConfig) -> tuple[ModelWeights, float]:
         started = time.perf_counter()

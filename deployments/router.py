@@ -240,9 +240,11 @@ class Router:
         )
         # A model that failed to load, like a provider with an open breaker, does not make the
         # server unready (that would take every other model out of service too): it is listed.
+        # Only a server with nothing left to serve is unready.
         failed = sorted(model for model, s in models.items() if s.get("state") == "failed")
+        servable = bool(self._providers) or len(failed) < len(self._config.models)
         return {
-            "ready": all(r == "ok" for r in results),
+            "ready": all(r == "ok" for r in results) and servable,
             "backends": backends,
             "models": models,
             "failed_models": failed,

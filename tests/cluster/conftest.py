@@ -9,6 +9,7 @@ down before `tests/serve` starts its single-node Ray in the same process.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import httpx
 import pytest
 
 from tests.s3_server import S3Server
-from tests.serve.harness import app_args, free_port
+from tests.serve.harness import REQUEST, app_args, free_port, replica_infos, wait_for
 
 HEAD_RESOURCE = "head"  # pins the Router, ClipEncoder and ModelCache to the head node
 STORE_BYTES = 256 * 1024**2
@@ -105,3 +106,30 @@ def tiny_app_from_s3(
             yield http
     finally:
         serve.delete(app)
+
+
+def generate_over_http(http: httpx.Client, model: str, seeds: range) -> None:
+    """Concurrent requests over HTTP: with one slot per replica, every replica gets work."""
+
+    def one(seed: int) -> dict[str, Any]:
+        response = http.post("/v1/generate", json={**REQUEST, "model": model, "seed": seed})
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for seed, body in zip(seeds, pool.map(one, seeds), strict=True):
+            assert body["images"][0]["seed"] == seed and body["images"][0]["b64"]
+
+
+def serve_until_every_replica_built(
+    http: httpx.Client, app: str, model: str, seeds: range, replicas: int = 2
+) -> dict[str, dict[str, Any]]:
+    """Bursts of requests until `replicas` SDXLPipeline replicas have built `model`; their
+    `replica_info()`s. Replicas are asked between bursts, while idle."""
+
+    def all_built() -> dict[str, dict[str, Any]] | None:
+        generate_over_http(http, model, seeds)
+        infos = replica_infos(app, count=replicas)
+        return infos if all(info["models_built"] == [model] for info in infos.values()) else None
+
+    return wait_for(all_built, timeout_s=240, what=f"{replicas} replicas to build {model}")

@@ -9,21 +9,22 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from tests.cluster.conftest import LocalCluster, tiny_app_from_s3
+from tests.cluster.conftest import (
+    LocalCluster,
+    generate_over_http,
+    serve_until_every_replica_built,
+    tiny_app_from_s3,
+)
 from tests.s3_server import S3Server
 from tests.serve.harness import (
-    REQUEST,
     cache_status,
     kill_replica,
     replica_actor_names,
-    replica_infos,
     wait_for,
 )
 
@@ -43,28 +44,6 @@ def cluster_app(
         yield http
 
 
-def generate_over_http(http: httpx.Client, seeds: range) -> None:
-    """Concurrent requests over HTTP: with one slot per replica, both replicas get work."""
-
-    def one(seed: int) -> dict[str, Any]:
-        response = http.post("/v1/generate", json={**REQUEST, "model": MODEL, "seed": seed})
-        assert response.status_code == 200, response.text
-        return response.json()
-
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        for seed, body in zip(seeds, pool.map(one, seeds), strict=True):
-            assert body["images"][0]["seed"] == seed and body["images"][0]["b64"]
-
-
-def serve_until_every_replica_built(http: httpx.Client, seeds: range) -> dict[str, dict]:
-    def all_built() -> dict[str, dict] | None:
-        generate_over_http(http, seeds)
-        infos = replica_infos(APP, count=2)
-        return infos if all(info["models_built"] == [MODEL] for info in infos.values()) else None
-
-    return wait_for(all_built, timeout_s=240, what="both replicas to build the model")
-
-
 def source_reads(s3_server: S3Server) -> Counter[str]:
     return Counter(s3_server.object_gets(URL))
 
@@ -75,7 +54,7 @@ def test_replicas_on_two_nodes_share_one_read_of_the_source(
     import ray
     from ray import serve
 
-    infos = serve_until_every_replica_built(cluster_app, range(8))
+    infos = serve_until_every_replica_built(cluster_app, APP, MODEL, range(8))
 
     # One replica on each GPU worker; the cache on the head.
     assert sorted(info["node_id"] for info in infos.values()) == sorted(
@@ -99,7 +78,7 @@ def test_replicas_start_and_serve_after_the_cache_replica_dies(
 ) -> None:
     import ray
 
-    serve_until_every_replica_built(cluster_app, range(100, 104))
+    serve_until_every_replica_built(cluster_app, APP, MODEL, range(100, 104))
     before = source_reads(s3_server)
     assert before and max(before.values()) == 1, before
 
@@ -109,7 +88,7 @@ def test_replicas_start_and_serve_after_the_cache_replica_dies(
         what="a new ModelCache replica",
     )
     # Replicas already running keep serving from the modules they built ...
-    generate_over_http(cluster_app, range(200, 204))
+    generate_over_http(cluster_app, MODEL, range(200, 204))
 
     # ... and replicas that start now, on both workers, load through the new cache.
     old = set(replica_actor_names(APP, "SDXLPipeline"))
@@ -119,7 +98,7 @@ def test_replicas_start_and_serve_after_the_cache_replica_dies(
         lambda: len(set(replica_actor_names(APP, "SDXLPipeline")) - old) == 2,
         what="two new SDXLPipeline replicas",
     )
-    infos = serve_until_every_replica_built(cluster_app, range(300, 304))
+    infos = serve_until_every_replica_built(cluster_app, APP, MODEL, range(300, 304))
     assert sorted(info["node_id"] for info in infos.values()) == sorted(
         local_cluster.worker_node_ids
     )
