@@ -1,15 +1,18 @@
 """How fast does a new replica start, and what does a second one on the same node cost?
 
-Start time: from "nothing" to (a) weights ready, i.e. every component built as a torch module the
-way SDXLPipeline and ClipEncoder build them, and (b) the first image (one prompt encoded, a 64x64
-image in 2 steps), when the weights come from
+Every start runs in a fresh process (a Ray actor that has imported what a replica imports, as a
+Serve replica has by the time it loads a model) and times, inside that process, how long until
+(a) weights ready: every component built as a torch module, the way SDXLPipeline and ClipEncoder
+build them, and (b) the first image: one prompt encoded and a 64x64 image made in 2 steps. The
+weights come from
 
 - the Ray object store (what ModelCache gives replicas: `ray.get` of its refs + zero-copy build),
 - the local safetensors folder (`load_model` + build; the OS page cache is warm after run one),
-- S3 on loopback (a moto server this script starts; `load_model` over s3fs + build).
+- S3 on loopback (a moto server in this script's process; `load_model` over s3fs + build).
 
-Memory: two replica processes on one node build the engine and make an image; each one's growth in
-private (USS) and resident (RSS) memory, from object-store refs vs each reading the local folder.
+Memory: two replica processes on one node build the engine (UNet, VAE, TAESD) and make an image;
+each one's growth in private (USS) and resident (RSS) memory, from the object-store refs vs each
+reading the local folder.
 
     python benchmarks/cold_start.py            # the `small` preset (~0.9 GB), 5 runs per path
     python benchmarks/cold_start.py --smoke    # the `tiny` preset, a few runs, for CI
@@ -21,7 +24,6 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,36 +37,93 @@ from benchmarks.common import denoise_job, print_table, save, summarize
 
 EXTRA = {"taesd": "taesd"}
 ENGINE_FOLDERS = ("unet", "vae", "taesd")
+ENGINE_COMPONENTS = (*ENGINE_FOLDERS, "scheduler")
 PROMPT = "a photo of a cat"
 
 Components = dict[str, Any]
 
 
-def start_replica(fetch: Callable[[], Components]) -> dict[str, float]:
-    """What a new replica does, timed: fetch weights, build modules, then make the first image."""
-    from deployments.encoder import build_prompt_encoder
-    from deployments.sdxl import build_engine
-
-    started = time.perf_counter()
-    components = fetch()
-    encoder = build_prompt_encoder(components)
-    engine = build_engine(components, "float32", "cpu")
-    ready = time.perf_counter()
-    (embeddings,) = encoder.encode([(PROMPT, None)])
-    engine.run(denoise_job(embeddings, steps=2), lambda event: None, lambda: False)
-    done = time.perf_counter()
-    return {"weights ready": (ready - started) * 1000, "first image": (done - started) * 1000}
+# A weights source as a replica process receives it: object-store refs, or (source, options).
+Source = dict[str, Any] | tuple[str, dict[str, Any]]
 
 
-def measure_starts(
-    fetch: Callable[[], Components], runs: int, warmup: int
-) -> dict[str, list[float]]:
-    for _ in range(warmup):
-        start_replica(fetch)
+def fetch(source: Source, names: tuple[str, ...] | None = None) -> Components:
+    """What a replica gets its components from: `ray.get` of refs, or reading the source."""
+    import ray
+
+    from shared.config import ModelConfig
+    from shared.weights import load_model
+
+    if isinstance(source, dict):
+        refs = {n: r for n, r in source.items() if names is None or n in names}
+        return dict(zip(refs, ray.get(list(refs.values())), strict=True))
+    url, options = source
+    config = ModelConfig(id="bench", source=url, storage_options=options)
+    if names is None:
+        return load_model(config, extra=EXTRA).components
+    return load_model(config, [n for n in names if n not in EXTRA], extra=EXTRA).components
+
+
+def replica_class() -> Any:
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Replica:
+        """A fresh process that starts like an SDXLPipeline/ClipEncoder replica and times it."""
+
+        def __init__(self) -> None:
+            import deployments.encoder
+            import deployments.sdxl  # noqa: F401
+
+        def memory(self) -> tuple[int, int]:
+            import psutil
+
+            info = psutil.Process().memory_full_info()
+            return info.uss, info.rss
+
+        def start(self, source: Source, embeddings: Any = None) -> dict[str, float]:
+            """Fetch and build, then make the first image; milliseconds to each.
+
+            With `embeddings` given, only the engine is built (what an SDXLPipeline replica
+            holds); otherwise the text encoders too, and the prompt is encoded here.
+            """
+            from deployments.encoder import build_prompt_encoder
+            from deployments.sdxl import build_engine
+
+            started = time.perf_counter()
+            names = ENGINE_COMPONENTS if embeddings is not None else None
+            components = fetch(source, names)
+            encoder = build_prompt_encoder(components) if embeddings is None else None
+            self.engine = build_engine(components, "float32", "cpu")
+            ready = time.perf_counter()
+            if encoder is not None:
+                (embeddings,) = encoder.encode([(PROMPT, None)])
+            self.engine.run(denoise_job(embeddings, steps=2), lambda event: None, lambda: False)
+            done = time.perf_counter()
+            return {
+                "weights ready": (ready - started) * 1000,
+                "first image": (done - started) * 1000,
+            }
+
+    return Replica
+
+
+def measure_starts(source: Source, runs: int, warmup: int) -> dict[str, list[float]]:
+    """Start a fresh replica process per run (warm-up runs discarded); times from inside it."""
+    import ray
+
+    replica_cls = replica_class()
     samples: dict[str, list[float]] = {"weights ready": [], "first image": []}
-    for _ in range(runs):
-        for phase, ms in start_replica(fetch).items():
-            samples[phase].append(ms)
+    for run in range(warmup + runs):
+        replica = replica_cls.remote()
+        try:
+            ray.get(replica.memory.remote())  # constructed: the imports are done
+            timings = ray.get(replica.start.remote(source))
+        finally:
+            ray.kill(replica)
+        if run >= warmup:
+            for phase, ms in timings.items():
+                samples[phase].append(ms)
     return samples
 
 
@@ -77,20 +136,6 @@ def put_in_object_store(model_dir: Path) -> dict[str, Any]:
 
     weights = load_model(ModelConfig(id="bench", source=str(model_dir)), extra=EXTRA)
     return {name: ray.put(part) for name, part in weights.components.items()}
-
-
-def from_refs(refs: dict[str, Any]) -> Callable[[], Components]:
-    import ray
-
-    return lambda: dict(zip(refs, ray.get(list(refs.values())), strict=True))
-
-
-def from_source(source: str, storage_options: dict[str, Any] | None = None) -> Callable:
-    from shared.config import ModelConfig
-    from shared.weights import load_model
-
-    config = ModelConfig(id="bench", source=source, storage_options=storage_options or {})
-    return lambda: load_model(config, extra=EXTRA).components
 
 
 def start_s3(model_dir: Path) -> tuple[Any, str]:
@@ -115,42 +160,18 @@ def replica_memory(refs: dict[str, Any], model_dir: Path) -> dict[str, dict[str,
 
     from deployments.encoder import build_prompt_encoder
 
-    encoder = build_prompt_encoder(from_refs(refs)())
-    (embeddings,) = encoder.encode([(PROMPT, None)])
-    job = denoise_job(embeddings, steps=2)
-
-    @ray.remote(num_cpus=0)
-    class Replica:
-        """A process that builds the engine as SDXLPipeline does and reports its own memory."""
-
-        def __init__(self) -> None:
-            import deployments.sdxl  # noqa: F401  (the replica's imports, before the baseline)
-
-        def memory(self) -> tuple[int, int]:
-            import psutil
-
-            info = psutil.Process().memory_full_info()
-            return info.uss, info.rss
-
-        def serve_first_image(self, source: dict[str, Any] | str) -> None:
-            from deployments.sdxl import build_engine
-            from shared.config import ModelConfig
-            from shared.weights import load_model
-
-            if isinstance(source, str):
-                components = load_model(ModelConfig(id="bench", source=source)).components
-            else:
-                components = dict(zip(source, ray.get(list(source.values())), strict=True))
-            self.engine = build_engine(components, "float32", "cpu")
-            self.engine.run(job, lambda event: None, lambda: False)
-
-    engine_refs = {name: refs[name] for name in (*ENGINE_FOLDERS, "scheduler")}
+    (embeddings,) = build_prompt_encoder(fetch(refs)).encode([(PROMPT, None)])
+    replica_cls = replica_class()
     results: dict[str, dict[str, float]] = {}
-    for label, source in (("object store", engine_refs), ("local folder", str(model_dir))):
-        replicas = [Replica.remote() for _ in range(2)]
+    sources: list[tuple[str, Source]] = [
+        ("object store", refs),
+        ("local folder", (str(model_dir), {})),
+    ]
+    for label, source in sources:
+        replicas = [replica_cls.remote() for _ in range(2)]
         for index, replica in enumerate(replicas, start=1):
             uss, rss = ray.get(replica.memory.remote())
-            ray.get(replica.serve_first_image.remote(source))
+            ray.get(replica.start.remote(source, embeddings))
             uss_after, rss_after = ray.get(replica.memory.remote())
             results[f"{label}, replica {index}"] = {
                 "private_mb": (uss_after - uss) / 1e6,
@@ -174,10 +195,10 @@ def main() -> None:
     parser.add_argument("--preset", default=None, help="built-in model (default: small; tiny)")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--smoke", action="store_true", help="tiny preset, 3 runs, 1 warm-up")
+    parser.add_argument("--smoke", action="store_true", help="tiny preset, 1 run, no warm-up")
     args = parser.parse_args()
     preset = args.preset or ("tiny" if args.smoke else "small")
-    runs, warmup = (3, 1) if args.smoke else (args.runs, args.warmup)
+    runs, warmup = (1, 0) if args.smoke else (args.runs, args.warmup)
 
     import ray
 
@@ -188,15 +209,26 @@ def main() -> None:
     engine_bytes = sum(
         p.stat().st_size for name in ENGINE_FOLDERS for p in (model_dir / name).glob("*")
     )
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # The actors import the project by module name, as Serve replicas do.
+    repo = str(Path(__file__).resolve().parents[1])
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": repo, "HF_HUB_OFFLINE": "1"}},
+    )
     samples: dict[str, dict[str, list[float]]] = {}
     try:
         refs = put_in_object_store(model_dir)
-        samples["object store"] = measure_starts(from_refs(refs), runs, warmup)
-        samples["local folder"] = measure_starts(from_source(str(model_dir)), runs, warmup)
+        samples["object store"] = measure_starts(refs, runs, warmup)
+        samples["local folder"] = measure_starts((str(model_dir), {}), runs, warmup)
         server, url = start_s3(model_dir)
         try:
-            s3 = from_source(url, server.storage_options())
+            # Credentials in the options: the replica processes started before they were set.
+            options = server.storage_options(
+                key="testing", secret="testing", client_kwargs={"region_name": "us-east-1"}
+            )
+            s3 = (url, options)
             samples["S3 (loopback moto)"] = measure_starts(s3, runs, warmup)
         finally:
             server.stop()

@@ -7,7 +7,10 @@
   (the page cache is warm after the warm-up run, so this is its best case).
 
 It needs no Ray (torch, diffusers, accelerate, safetensors, pydantic, fsspec), so it runs on a GPU
-machine that has only the model stack.
+machine that has only the model stack. The "object-store arrays" here are the same numpy
+containers in this process's heap, already touched by the warm-up, rather than a `ray.get` view
+of shared memory in a fresh process: right for timing the copy to the device, which is the part
+this compares, but a fresh replica also pays its first page faults on the shared pages.
 
     python benchmarks/gpu_weights.py            # SDXL-size UNet, on cuda
     python benchmarks/gpu_weights.py --smoke    # a small UNet on whatever device is there, for CI

@@ -121,6 +121,19 @@ class DeploymentOptions(_Strict):
         "to nodes that are never scaled away.",
     )
 
+    @model_validator(mode="after")
+    def _custom_resources(self) -> DeploymentOptions:
+        reserved = sorted({"CPU", "GPU", "memory", "object_store_memory"} & set(self.resources))
+        if reserved:
+            raise ValueError(
+                f"resources: use num_cpus/num_gpus, not {', '.join(reserved)}; `resources` names "
+                "custom resources that a node advertises (ray start --resources)"
+            )
+        negative = sorted(name for name, amount in self.resources.items() if amount <= 0)
+        if negative:
+            raise ValueError(f"resources must be positive amounts; got {', '.join(negative)}")
+        return self
+
     def serve_options(self) -> dict[str, Any]:
         """Keyword arguments for `Deployment.options`."""
         options: dict[str, Any] = {

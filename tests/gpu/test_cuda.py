@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -40,7 +41,11 @@ def test_engine_generates_on_cuda_from_object_store_components(tiny_model_dir: P
     ).components
     engine = build_engine(components, "float16", "cuda")
     encoder = build_prompt_encoder(components, "float16", "cuda")
+    for module in encoder.text_encoders:
+        assert {(p.device.type, p.dtype) for p in module.parameters()} == {("cuda", torch.float16)}
     (embeddings,) = encoder.encode([("a photo of a cat", None)])
+    (reference,) = build_prompt_encoder(components).encode([("a photo of a cat", None)])
+    assert np.allclose(embeddings.prompt_embeds, reference.prompt_embeds, atol=1e-2)
     job = DenoiseJob(
         id="gpu",
         model="t",

@@ -50,6 +50,10 @@ def test_custom_resources_reach_ray_actor_options() -> None:
     )
     actor = parsed.cache_deployment.serve_options()["ray_actor_options"]
     assert actor == {"num_cpus": 0.1, "num_gpus": 0, "resources": {"cpu_pool": 0.01}}
+    for wrong, message in (({"GPU": 1}, "num_cpus/num_gpus"), ({"cpu_pool": 0}, "positive")):
+        args = {"models": [{"id": "t", "source": "tiny"}], "cache_deployment": {"resources": wrong}}
+        with pytest.raises(ValueError, match=message):
+            AppConfig.model_validate(args)
 
 
 def test_typos_fail_with_the_field_name() -> None:
