@@ -28,20 +28,25 @@ LOST_OBJECT_ERRORS = (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedEr
 
 
 async def fetch_components(
-    cache: DeploymentHandle, model_id: str, names: tuple[str, ...]
+    cache: DeploymentHandle, model_id: str, names: tuple[str, ...], holder: str | None = None
 ) -> dict[str, ComponentWeights]:
     """Fetch components of `model_id` from the object store through the ModelCache.
 
     A lost object (cache replica died, node gone) means "reload", never a hang: the cache is told
     which refs were lost and reloads from the source once, however many replicas report them.
+    A `holder` (the replica's actor name) marks the model in use until it calls `release`.
     """
-    refs = await cache.get.remote(model_id)
+    refs = await cache.get.remote(model_id, holder=holder)
     try:
         return await _gather(refs, names)
     except LOST_OBJECT_ERRORS:
         logger.warning("weights of %s were lost from the object store; reloading", model_id)
     stale = [ref.hex() for ref in refs.values()]
-    return await _gather(await cache.get.remote(model_id, stale=stale), names)
+    return await _gather(await cache.get.remote(model_id, stale=stale, holder=holder), names)
+
+
+def _live_actor_names() -> set[str]:
+    return {actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)}
 
 
 async def _gather(refs: dict[str, ray.ObjectRef], names: tuple[str, ...]) -> dict[str, Any]:
@@ -64,9 +69,15 @@ class CacheEntry:
     failed_at: float = 0.0
     load_seconds: float = 0.0
     loads: int = 0  # reads from the source, failed ones included
+    holders: set[str] = field(default_factory=set)  # replicas that built modules from the refs
 
     def describe(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"state": self.state, "bytes": self.nbytes, "loads": self.loads}
+        info: dict[str, Any] = {
+            "state": self.state,
+            "bytes": self.nbytes,
+            "loads": self.loads,
+            "holders": len(self.holders),
+        }
         if self.state == "cached":
             info["load_seconds"] = round(self.load_seconds, 3)
         if self.error is not None:
@@ -100,11 +111,14 @@ class ModelCache:
             if model.preload:
                 self._load_now(model)
 
-    async def get(self, model_id: str, stale: list[str] | None = None) -> dict[str, ray.ObjectRef]:
+    async def get(
+        self, model_id: str, stale: list[str] | None = None, holder: str | None = None
+    ) -> dict[str, ray.ObjectRef]:
         """Refs of every component of `model_id`, loading it once even under concurrent calls.
 
         `stale` lists refs a replica found lost; if they are still the current ones, the model is
         reloaded from its source (once: later reporters of the same refs get the new ones).
+        `holder` names a replica that will keep the model in use until it calls `release`.
         """
         entry = self._entry(model_id)
         async with self._locks[model_id]:
@@ -118,7 +132,16 @@ class ModelCache:
                 # A fresh copy each time: re-raising one object would chain every request's
                 # frames onto its traceback (and keep them alive) for as long as the model fails.
                 raise copy.copy(entry.error)
+            if holder is not None:
+                entry.holders.add(holder)
             return dict(entry.refs)
+
+    async def release(self, model_id: str, holder: str) -> None:
+        """`holder` unloaded `model_id`: once nobody holds it, it may be evicted, which happens
+        now if the cache is past capacity (a load that found every model in use left it so)."""
+        self._entry(model_id).holders.discard(holder)
+        await asyncio.to_thread(self._evict, None)
+        self._bytes.set(self._cached_bytes())
 
     async def status(self) -> dict[str, dict[str, Any]]:
         return {model_id: entry.describe() for model_id, entry in self._entries.items()}
@@ -169,21 +192,35 @@ class ModelCache:
         self._loads.inc(tags={"model": model.id, "outcome": "loaded"})
         self._load_seconds.observe(seconds, tags={"model": model.id})
         self._evict(keep=model.id)
-        self._bytes.set(sum(e.nbytes for e in self._entries.values() if e.state == "cached"))
+        self._bytes.set(self._cached_bytes())
         logger.info("model %s cached: %.1f MB in %.2f s", model.id, weights.nbytes / 1e6, seconds)
 
-    def _evict(self, keep: str) -> None:
-        """Drop least-recently-used models past capacity.
+    def _evict(self, keep: str | None) -> None:
+        """Drop least-recently-used models that no live replica holds, while past capacity.
 
-        Replicas that already built modules keep their zero-copy views: a deserialized array
-        pins its object in the store, so eviction only stops *new* replicas from reusing it.
+        A model in use is never evicted: its objects stay pinned by the replicas' zero-copy
+        views, so dropping the refs would free nothing and a reload would store a second copy.
+        Holders that died (crash, scale-down) are forgotten here.
         """
         capacity = self._config.cache.capacity_bytes
+        if self._cached_bytes() <= capacity:
+            return
+        live = _live_actor_names()
         cached = [(e.last_used, i) for i, e in self._entries.items() if e.state == "cached"]
         for _, model_id in sorted(cached):
-            if sum(e.nbytes for e in self._entries.values() if e.state == "cached") <= capacity:
-                break
-            if model_id != keep:
+            entry = self._entries[model_id]
+            entry.holders &= live
+            if self._cached_bytes() <= capacity:
+                return
+            if model_id != keep and not entry.holders:
                 logger.info("evicting model %s from the object store", model_id)
-                evicted = self._entries[model_id]
-                evicted.state, evicted.refs, evicted.nbytes = "not_loaded", {}, 0
+                entry.state, entry.refs, entry.nbytes = "not_loaded", {}, 0
+        if self._cached_bytes() > capacity:
+            logger.warning(
+                "model cache over capacity (%d of %d bytes): every other model is in use",
+                self._cached_bytes(),
+                capacity,
+            )
+
+    def _cached_bytes(self) -> int:
+        return sum(e.nbytes for e in self._entries.values() if e.state == "cached")

@@ -56,6 +56,11 @@ def _replica_id() -> str:
         return "local"
 
 
+def _actor_name() -> str | None:
+    """This replica's actor name: how the ModelCache tells live holders of a model from dead."""
+    return ray.get_runtime_context().get_actor_name() if ray.is_initialized() else None
+
+
 def _node_id() -> str | None:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
@@ -91,9 +96,18 @@ class SDXLPipeline:
         model = self._config.model(model_id)
         if model is None:
             raise GenerationError(f"model {model_id!r} is not served by this deployment")
-        components = await fetch_components(self._cache, model_id, ENGINE_COMPONENTS)
+        holder = _actor_name()
+        components = await fetch_components(self._cache, model_id, ENGINE_COMPONENTS, holder)
         engine = await asyncio.to_thread(self._build, components, model.dtype, self._device)
         self._built.add(model_id)
+
+        async def unloaded() -> None:
+            self._built.discard(model_id)
+            if holder is not None:
+                await self._cache.release.remote(model_id, holder)
+
+        # Serve calls a multiplexed model's `__del__` when it unloads it to make room for another.
+        engine.__del__ = unloaded  # type: ignore[attr-defined]
         return engine
 
     async def stream(self, job: DenoiseJob) -> AsyncIterator[StepEvent | ResultEvent]:
@@ -152,7 +166,7 @@ class SDXLPipeline:
         return dict(record) if record is not None else None
 
     async def replica_info(self) -> dict[str, Any]:
-        """Where this replica runs and which models it has built engines for since it started."""
+        """Where this replica runs and which models it has loaded now."""
         return {
             "replica": _replica_id(),
             "node_id": _node_id(),
