@@ -8,6 +8,7 @@ loop with `call_soon_threadsafe`. When the caller goes away Serve cancels the ge
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 import time
@@ -28,8 +29,10 @@ from shared.errors import GenerationError, RequestCancelledError
 from shared.modules import build_module, build_scheduler_config, pick_device
 from shared.schemas import DenoiseJob, ResultEvent, StepEvent
 
+logger = logging.getLogger("ray.serve")
 ENGINE_COMPONENTS = ("unet", "vae", "scheduler", "taesd")
 RECENT_JOBS = 256
+RELEASE_TIMEOUT_S = 2.0
 _DONE = object()
 
 
@@ -103,8 +106,16 @@ class SDXLPipeline:
 
         async def unloaded() -> None:
             self._built.discard(model_id)
-            if holder is not None:
-                await self._cache.release.remote(model_id, holder)
+            if holder is None:
+                return
+            # Also called while the replica shuts down, when the app's cache may be gone first:
+            # never hold up shutdown (the cache forgets dead holders by itself).
+            try:
+                await asyncio.wait_for(
+                    self._cache.release.remote(model_id, holder), timeout=RELEASE_TIMEOUT_S
+                )
+            except Exception as exc:
+                logger.info("could not release %s in ModelCache: %r", model_id, exc)
 
         # Serve calls a multiplexed model's `__del__` when it unloads it to make room for another.
         engine.__del__ = unloaded  # type: ignore[attr-defined]
