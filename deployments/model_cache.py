@@ -3,6 +3,9 @@
 Objects die with their owner, so weights are `ray.put` here — in a fixed, long-lived replica —
 and never by a replica that autoscaling may remove. Replicas receive `ObjectRef`s and read the
 arrays zero-copy from their node's store; Ray copies them between nodes on first use.
+
+SDXLPipeline replicas hold a lease on each model they have built (`get(holder=...)` until
+`release`); past capacity, only models that no live replica holds are evicted.
 """
 
 from __future__ import annotations
