@@ -52,7 +52,7 @@ def fetch(source: Source, names: tuple[str, ...] | None = None) -> Components:
     import ray
 
     from shared.config import ModelConfig
-    from shared.weights import load_model
+    from shared.weights.loader import load_model
 
     if isinstance(source, dict):
         refs = {n: r for n, r in source.items() if names is None or n in names}
@@ -87,8 +87,7 @@ def replica_class() -> Any:
             With `embeddings` given, only the engine is built (what an SDXLPipeline replica
             holds); otherwise the text encoders too, and the prompt is encoded here.
             """
-            from deployments.encoder import build_prompt_encoder
-            from deployments.sdxl import build_engine
+            from shared.engine.build import build_engine, build_prompt_encoder
 
             started = time.perf_counter()
             names = ENGINE_COMPONENTS if embeddings is not None else None
@@ -132,7 +131,7 @@ def put_in_object_store(model_dir: Path) -> dict[str, Any]:
     import ray
 
     from shared.config import ModelConfig
-    from shared.weights import load_model
+    from shared.weights.loader import load_model
 
     weights = load_model(ModelConfig(id="bench", source=str(model_dir)), extra=EXTRA)
     return {name: ray.put(part) for name, part in weights.components.items()}
@@ -158,7 +157,7 @@ def replica_memory(refs: dict[str, Any], model_dir: Path) -> dict[str, dict[str,
     make an image: from the object-store refs, and (baseline) each reading the local folder."""
     import ray
 
-    from deployments.encoder import build_prompt_encoder
+    from shared.engine.build import build_prompt_encoder
 
     (embeddings,) = build_prompt_encoder(fetch(refs)).encode([(PROMPT, None)])
     replica_cls = replica_class()
@@ -202,7 +201,7 @@ def main() -> None:
 
     import ray
 
-    from shared.tiny import resolve_builtin
+    from shared.weights.builtin import resolve_builtin
 
     model_dir = resolve_builtin(preset)
     nbytes = sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file())

@@ -15,7 +15,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def denoise_job(embeddings: Any, steps: int, guidance_scale: float = 5.0, seed: int = 1) -> Any:
     """A 64x64 one-image job, as the Router would hand it to SDXLPipeline."""
-    from shared.schemas import DenoiseJob
+    from shared.api.jobs import DenoiseJob
 
     return DenoiseJob(
         id="bench",
@@ -28,6 +28,34 @@ def denoise_job(embeddings: Any, steps: int, guidance_scale: float = 5.0, seed: 
         seeds=[seed],
         created_at=time.time(),
     )
+
+
+def machine_info() -> dict[str, Any]:
+    """What a figure depends on: the commit, the library versions and the machine."""
+    import os
+    import subprocess
+    from importlib import metadata
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    versions = {}
+    for package in ("torch", "diffusers", "transformers", "ray", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "commit": commit,
+        "versions": versions,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpus": os.cpu_count(),
+    }
 
 
 def measure(fn: Callable[[], Any], runs: int, warmup: int) -> list[float]:
@@ -81,11 +109,7 @@ def save(
     payload = {
         "benchmark": name,
         "config": config,
-        "machine": {
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-            "processor": platform.processor(),
-        },
+        "machine": machine_info(),
         "baseline": baseline,
         "results": rows,
         "ratios_p50": {k: v["p50"] / base for k, v in rows.items()},

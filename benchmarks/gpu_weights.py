@@ -111,8 +111,8 @@ def from_arrays(folder: Path, device: str) -> Callable[[], None]:
     import torch
 
     from shared.config import ModelConfig
-    from shared.modules import build_module
-    from shared.weights import load_model
+    from shared.engine.modules import build_module
+    from shared.weights.loader import load_model
 
     config = ModelConfig(id="bench", source=str(folder), preview_decoder=None)
     weights = load_model(config, components=("unet",)).components["unet"]

@@ -32,8 +32,8 @@ REQUEST = {
 
 def in_process(model_dir: Path):
     """The engine and encoder called directly: the floor any serving path is compared with."""
-    from shared.engine import SDXLEngine
-    from shared.text import PromptEncoder
+    from shared.engine.prompts import PromptEncoder
+    from shared.engine.sdxl import SDXLEngine
 
     encoder = PromptEncoder.from_pretrained_dir(model_dir)
     engine = SDXLEngine.from_pretrained_dir(model_dir)
@@ -71,7 +71,7 @@ def served(port: int):
     import httpx
     from ray import serve
 
-    from shared.schemas import GenerateRequest
+    from shared.api.schemas import GenerateRequest
 
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
     handle = serve.get_app_handle("diffusion")
@@ -113,7 +113,7 @@ def main() -> None:
     args = parser.parse_args()
     runs, warmup = (3, 1) if args.smoke else (args.runs, args.warmup)
 
-    from shared.tiny import resolve_builtin
+    from shared.weights.builtin import resolve_builtin
 
     model_dir = resolve_builtin("tiny")
     port = start_app()

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 import ray
 from ray import serve
@@ -17,48 +16,27 @@ from ray.serve import metrics
 from ray.serve.handle import DeploymentHandle
 
 from deployments.model_cache import fetch_components
+from shared.api.jobs import PromptEmbeddings
 from shared.config import AppConfig
 from shared.errors import InvalidRequestError
-from shared.modules import build_module, build_tokenizer, pick_device
-from shared.schemas import PromptEmbeddings
-from shared.text import PromptEncoder
+from shared.weights.loader import TEXT_COMPONENTS
+
+if TYPE_CHECKING:
+    from shared.engine.prompts import PromptEncoder
 
 EncodeKey = tuple[str, str, str | None]
-TEXT_COMPONENTS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")
-
-
-def build_prompt_encoder(
-    components: dict[str, Any], dtype_name: str = "float32", device: str = "cpu"
-) -> PromptEncoder:
-    """Build a PromptEncoder from object-store components.
-
-    On a GPU the encoders are copied once to the device in the model's compute dtype. On the CPU
-    they compute in float32: fp32 weights stay zero-copy views, fp16/bf16 ones are upcast (a
-    private copy, but half-precision matmuls on a CPU are several times slower).
-    """
-    import torch
-
-    dtype = torch.float32 if device == "cpu" else getattr(torch, dtype_name)
-    return PromptEncoder(
-        tokenizer=build_tokenizer(components["tokenizer"]),
-        tokenizer_2=build_tokenizer(components["tokenizer_2"]),
-        text_encoder=build_module(components["text_encoder"], device=device, dtype=dtype),
-        text_encoder_2=build_module(components["text_encoder_2"], device=device, dtype=dtype),
-        device=device,
-    )
 
 
 @serve.deployment(name="ClipEncoder")
 class ClipEncoder:
-    def __init__(
-        self,
-        config: AppConfig,
-        cache: DeploymentHandle,
-        encoder_builder: Callable[[dict[str, Any], str, str], PromptEncoder] = build_prompt_encoder,
-    ) -> None:
+    def __init__(self, config: AppConfig, cache: DeploymentHandle) -> None:
+        # torch and transformers are imported here, in the replica, never where the app is built.
+        from shared.engine.build import build_prompt_encoder
+        from shared.engine.modules import pick_device
+
         self._config = config
         self._cache = cache
-        self._build = encoder_builder
+        self._build = build_prompt_encoder
         self._device = pick_device(len(ray.get_gpu_ids()))  # a GPU only if the config gives one
         self._encoders: dict[str, PromptEncoder] = {}
         self._locks = {m.id: asyncio.Lock() for m in config.models}
@@ -84,9 +62,6 @@ class ClipEncoder:
             raise embeddings
         self._remember(key, embeddings)
         return embeddings
-
-    async def count_tokens(self, model_id: str, text: str) -> int:
-        return (await self._encoder(model_id)).count_tokens(text)
 
     async def ping(self) -> str:
         return "ok"

@@ -6,23 +6,18 @@ deployment gives each provider its own replicas, name and health in the Ray dash
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator
 
 from ray import serve
 
-from shared.providers import ProviderClient, ProviderConfig, build_client
-from shared.schemas import GenerateRequest, ResultEvent, StepEvent
+from shared.api.schemas import GenerateRequest, ResultEvent, StepEvent
+from shared.providers import ProviderConfigBase, build_client
 
 
 @serve.deployment(name="CloudProvider")
 class CloudProvider:
-    def __init__(
-        self,
-        config: ProviderConfig,
-        client_builder: Callable[[ProviderConfig], ProviderClient] = build_client,
-    ) -> None:
-        self._client = client_builder(config)
+    def __init__(self, config: ProviderConfigBase) -> None:
+        self._client = build_client(config)
 
     async def generate(
         self, request: GenerateRequest, request_id: str, deadline: float | None = None
@@ -34,9 +29,6 @@ class CloudProvider:
     ) -> AsyncIterator[StepEvent | ResultEvent]:
         async for event in self._client.stream(request, request_id, deadline):
             yield event
-
-    async def probe(self) -> dict[str, Any]:
-        return await self._client.probe()
 
     async def breaker_state(self) -> str:
         return self._client.breaker_state()

@@ -1,68 +1,72 @@
 """Router: the only HTTP ingress, and the handle API other Ray apps call.
 
-It validates requests at the edge, picks the backend by `model`, asks ClipEncoder for embeddings,
-streams SDXLPipeline's events back (JSON, NDJSON or SSE), and maps every failure onto one error
-envelope. It holds no model and imports no torch.
+The HTTP routes are `shared.api.routes` over this deployment as their `Backend`. The Router picks
+the backend by `model`, asks ClipEncoder for embeddings, streams SDXLPipeline's (or a
+CloudProvider's) events back, and turns Ray's failures into the project's errors. It holds no
+model and imports no torch.
+
+No `from __future__ import annotations`: Ray pickles this module's class and FastAPI app by value.
 """
 
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from shared.config import AppConfig, ModelConfig
-from shared.errors import (
-    BusyError,
-    InvalidRequestError,
-    NotFoundError,
-    ServeError,
-    UnavailableError,
-    find_serve_error,
+from shared.api.jobs import DenoiseJob
+from shared.api.routes import (
+    BUSY_RETRY_AFTER_S,
+    Backend,
+    Event,
+    build_api,
+    error_event,
+    new_request_id,
+    to_serve_error,
 )
-from shared.providers.config import ProviderConfig
-from shared.samplers import SCHEDULER_NAMES
-from shared.schemas import (
-    DenoiseJob,
-    ErrorBody,
-    ErrorEvent,
-    GenerateRequest,
-    GenerateResponse,
-    ModelCard,
-    ResultEvent,
-    StepEvent,
-)
-from shared.streaming import encode_event, pick_stream_type
-from shared.validation import check_remote_request, parse_body, parse_request, resolve_request
+from shared.api.schemas import GenerateRequest, GenerateResponse, ModelCard, ResultEvent
+from shared.api.validation import check_remote_request, parse_request, resolve_request
+from shared.config import AppConfig, LimitsConfig, ModelConfig
+from shared.errors import BusyError, InvalidRequestError, ServeError, UnavailableError
+from shared.providers.config import ProviderConfigBase
 
 logger = logging.getLogger("ray.serve")
 READY_TIMEOUT_S = 5.0
-BUSY_RETRY_AFTER_S = 1
-
-Event = StepEvent | ResultEvent | ErrorEvent
-app = FastAPI(title="diffusion-serve", version="0.1.0", docs_url="/docs", redoc_url=None)
 
 
-async def _encode_stream(
-    first: Event, rest: AsyncGenerator[Event, None], media_type: str, request_id: str
-) -> AsyncIterator[str]:
-    """Encode events for the wire; a failure mid-stream becomes a final `error` event."""
-    yield encode_event(first, media_type)
-    try:
-        async for event in rest:
-            yield encode_event(event, media_type)
-    except Exception as exc:
-        yield encode_event(_error_event(_to_serve_error(exc, request_id), request_id), media_type)
-    finally:
-        await rest.aclose()
+def _this_router() -> Backend:
+    """The replica's Router instance: how Serve itself hands `self` to class-based routes."""
+    return serve.get_replica_context().servable_object
+
+
+def _serve_request_id() -> str:
+    """Serve's id for the request being handled: the client's `x-request-id` or the proxy's own,
+    which the proxy also writes into the response. Read from Serve's request context (no public
+    accessor exists in Ray 2.60); empty outside a request."""
+    from ray.serve.context import _get_serve_request_context
+
+    return _get_serve_request_context().request_id
+
+
+app = build_api(_this_router, host_request_id=_serve_request_id)
+
+
+def _from_ray(exc: BaseException, request_id: str) -> ServeError:
+    """Ray's failures as the project's errors; anything unknown is a 500 naming the request."""
+    if isinstance(exc, ServeError):
+        return exc
+    if isinstance(exc, BackPressureError):
+        return BusyError(
+            f"every replica is busy and the queue is full; retry in {BUSY_RETRY_AFTER_S} s"
+        )
+    if isinstance(exc, DeploymentUnavailableError | RayActorError):
+        return UnavailableError("a backend deployment is unavailable; retry later")
+    return to_serve_error(exc, request_id)
 
 
 async def _ping(handle: DeploymentHandle, method: str = "ping") -> str:
@@ -72,27 +76,6 @@ async def _ping(handle: DeploymentHandle, method: str = "ping") -> str:
         return f"unavailable: {type(exc).__name__}"
 
 
-def _to_serve_error(exc: BaseException, request_id: str) -> ServeError:
-    found = find_serve_error(exc)
-    if found is not None:
-        return found
-    if isinstance(exc, BackPressureError):
-        return BusyError(
-            f"every replica is busy and the queue is full; retry in {BUSY_RETRY_AFTER_S} s"
-        )
-    if isinstance(exc, DeploymentUnavailableError):
-        return UnavailableError("a backend deployment is unavailable; retry later")
-    logger.exception("request %s failed", request_id, exc_info=exc)
-    return ServeError(f"internal error (request id {request_id})")
-
-
-def _error_response(error: ServeError, request_id: str) -> JSONResponse:
-    headers = {}
-    if isinstance(error, BusyError):
-        headers["retry-after"] = str(BUSY_RETRY_AFTER_S)
-    return JSONResponse({"error": error.to_dict()}, status_code=error.status, headers=headers)
-
-
 def _finish(event: Event, model: str, started: float, encode_ms: float) -> Event:
     """Stamp a result with the model id the client asked for and the end-to-end timings."""
     if isinstance(event, ResultEvent):
@@ -100,26 +83,6 @@ def _finish(event: Event, model: str, started: float, encode_ms: float) -> Event
         event.timings.encode_ms = encode_ms
         event.timings.total_ms = (time.time() - started) * 1000
     return event
-
-
-def _error_event(error: ServeError, request_id: str) -> ErrorEvent:
-    return ErrorEvent(id=request_id, error=ErrorBody(**error.to_dict()))
-
-
-def _request_id(request: Request) -> str:
-    given = request.headers.get("x-request-id", "")
-    return given if given.isprintable() and 0 < len(given) <= 64 else _new_request_id()
-
-
-def _new_request_id() -> str:
-    return f"gen-{uuid.uuid4().hex[:20]}"
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    error = NotFoundError(f"{request.method} {request.url.path}: {exc.detail}")
-    error.status = exc.status_code
-    return _error_response(error, _request_id(request))
 
 
 @serve.deployment(name="Router")
@@ -139,65 +102,65 @@ class Router:
         self._pipeline = pipeline
         self._cache = cache
         self._providers = providers or {}
-
-    # ---- HTTP API -------------------------------------------------------------------------
-
-    @app.post("/v1/generate")
-    async def http_generate(self, request: Request) -> Response:
-        request_id = _request_id(request)
-        try:
-            body = parse_body(await request.body(), self._config.limits.max_body_bytes)
-            generate = parse_request(body)
-            if not generate.stream:
-                response = await self._generate(generate, request_id)
-                return JSONResponse(response.model_dump())
-            media_type = pick_stream_type(request.headers.get("accept"))
-            events = self._events(generate, request_id, streaming=True)
-            # Errors before the first event (validation, encoding, back-pressure) still get a
-            # real status code; after it, they can only be an `error` event in the stream.
-            first = await anext(events)
-        except Exception as exc:
-            return _error_response(_to_serve_error(exc, request_id), request_id)
-        return StreamingResponse(
-            _encode_stream(first, events, media_type, request_id),
-            media_type=media_type,
-            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-        )
-
-    @app.get("/v1/models")
-    async def http_models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [card.model_dump() for card in await self.models()]}
-
-    @app.get("/healthz")
-    async def http_healthz(self) -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/readyz")
-    async def http_readyz(self) -> JSONResponse:
-        report = await self.readiness()
-        return JSONResponse(report, status_code=200 if report["ready"] else 503)
+        self._checkpoint_sizes: dict[str, tuple[int, int]] = {}
 
     # ---- handle API (other Ray apps) ------------------------------------------------------
 
     async def generate(self, request: GenerateRequest | dict[str, Any]) -> GenerateResponse:
         """Generate and return the whole response; raises a ServeError subclass on failure."""
-        request_id = _new_request_id()
-        try:
-            return await self._generate(parse_request(request), request_id)
-        except Exception as exc:
-            raise _to_serve_error(exc, request_id) from None
+        return await self.generate_response(parse_request(request), new_request_id())
 
     async def stream(self, request: GenerateRequest | dict[str, Any]) -> AsyncIterator[Event]:
         """Yield StepEvents then a ResultEvent; a failure is the last event, an ErrorEvent."""
-        request_id = _new_request_id()
+        request_id = new_request_id()
         try:
-            async for event in self._events(parse_request(request), request_id, streaming=True):
+            async for event in self.stream_events(parse_request(request), request_id):
                 yield event
-        except Exception as exc:
-            yield _error_event(_to_serve_error(exc, request_id), request_id)
+        except ServeError as exc:
+            yield error_event(exc, request_id)
 
     async def models(self) -> list[ModelCard]:
-        states = await self._cache.status.remote()
+        return await self.list_models()
+
+    # ---- Backend (the HTTP routes call these) ---------------------------------------------
+
+    @property
+    def limits(self) -> LimitsConfig:
+        return self._config.limits
+
+    async def generate_response(
+        self, request: GenerateRequest, request_id: str
+    ) -> GenerateResponse:
+        async for event in self.stream_events(request, request_id, streaming=False):
+            if isinstance(event, ResultEvent):
+                return event.to_response()
+        raise UnavailableError("the backend finished without a result")
+
+    async def stream_events(
+        self, request: GenerateRequest, request_id: str, streaming: bool = True
+    ) -> AsyncGenerator[Event, None]:
+        """The request's events; every failure is raised as a ServeError."""
+        started = time.time()
+        try:
+            remote = self._config.provider_model(request.model)
+            if remote is not None:
+                check_remote_request(request, self._config.limits)
+                events = self._provider_events(request, remote, request_id, streaming, started)
+            else:
+                events = self._local_events(request, request_id, streaming, started)
+            try:
+                async for event in events:
+                    yield event
+            finally:
+                await events.aclose()
+        except Exception as exc:
+            raise _from_ray(exc, request_id) from None
+
+    async def list_models(self) -> list[ModelCard]:
+        try:
+            states = await self._cache.status.remote()
+        except Exception as exc:
+            raise _from_ray(exc, "models") from None
         local = [
             ModelCard(
                 id=model.id,
@@ -220,11 +183,6 @@ class Router:
         ]
         return local + remote
 
-    async def _breakers(self) -> dict[str, str]:
-        names = list(self._providers)
-        states = await asyncio.gather(*(_ping(self._providers[n], "breaker_state") for n in names))
-        return dict(zip(names, states, strict=True))
-
     async def readiness(self) -> dict[str, Any]:
         checks = {
             "ClipEncoder": self._encoder,
@@ -233,53 +191,41 @@ class Router:
         }
         results = await asyncio.gather(*(_ping(h) for h in checks.values()))
         backends = dict(zip(checks, results, strict=True))
-        models = (
-            {card.id: card.state for card in await self.models()}
-            if backends["ModelCache"] == "ok"
-            else {}
-        )
+        models: dict[str, dict[str, Any]] = {}
+        if backends["ModelCache"] == "ok":
+            try:
+                models = {card.id: card.state for card in await self.list_models()}
+            except ServeError as exc:
+                backends["ModelCache"] = f"unavailable: {exc.code}"
         # A model that failed to load, like a provider with an open breaker, does not make the
         # server unready (that would take every other model out of service too): it is listed.
         # Only a server with nothing left to serve is unready.
         failed = sorted(model for model, s in models.items() if s.get("state") == "failed")
         servable = bool(self._providers) or len(failed) < len(self._config.models)
         return {
-            "ready": all(r == "ok" for r in results) and servable,
+            "ready": all(r == "ok" for r in backends.values()) and servable,
             "backends": backends,
             "models": models,
             "failed_models": failed,
             "providers": await self._breakers(),
         }
 
+    async def ping(self) -> str:
+        return "ok"
+
     # ---- internals ------------------------------------------------------------------------
 
-    async def _generate(self, request: GenerateRequest, request_id: str) -> GenerateResponse:
-        async for event in self._events(request, request_id):
-            if isinstance(event, ResultEvent):
-                return event.to_response()
-        raise UnavailableError("the backend finished without a result")
-
-    async def _events(
-        self, request: GenerateRequest, request_id: str, streaming: bool = False
-    ) -> AsyncGenerator[Event, None]:
-        started = time.time()
-        remote = self._config.provider_model(request.model)
-        if remote is not None:
-            check_remote_request(request, self._config.limits)
-            events = self._provider_events(request, remote, request_id, streaming, started)
-        else:
-            events = self._local_events(request, request_id, streaming, started)
-        try:
-            async for event in events:
-                yield event
-        finally:
-            await events.aclose()
+    async def _breakers(self) -> dict[str, str]:
+        names = list(self._providers)
+        states = await asyncio.gather(*(_ping(self._providers[n], "breaker_state") for n in names))
+        return dict(zip(names, states, strict=True))
 
     async def _local_events(
         self, request: GenerateRequest, request_id: str, streaming: bool, started: float
     ) -> AsyncGenerator[Event, None]:
         model = self._model(request.model)
-        request = resolve_request(request, model, self._config.limits, SCHEDULER_NAMES)
+        size = await self._default_size(model, request)
+        request = resolve_request(request, model, self._config.limits, size)
         job = await self._prepare_job(request, model, request_id, started)
         if not streaming:  # nobody would see the previews
             job.preview = "none"
@@ -309,7 +255,7 @@ class Router:
     async def _provider_events(
         self,
         request: GenerateRequest,
-        remote: tuple[ProviderConfig, str],
+        remote: tuple[ProviderConfigBase, str],
         request_id: str,
         streaming: bool,
         started: float,
@@ -329,6 +275,22 @@ class Router:
                 yield _finish(event, request.model, started, 0.0)
         finally:
             events.cancel()
+
+    async def _default_size(
+        self, model: ModelConfig, request: GenerateRequest
+    ) -> tuple[int, int] | None:
+        """The checkpoint's own size, asked of the cache only when the request and the model
+        config both leave a side unset (then remembered: a checkpoint's size never changes)."""
+        configured = (model.default_width, model.default_height)
+        wanted = (request.width, request.height)
+        if all(w is not None or c is not None for w, c in zip(wanted, configured, strict=True)):
+            return None
+        if model.id not in self._checkpoint_sizes:
+            defaults = await self._cache.defaults.remote(model.id)
+            if not defaults:  # the checkpoint declares no size: the request must give one
+                return None
+            self._checkpoint_sizes[model.id] = (defaults["width"], defaults["height"])
+        return self._checkpoint_sizes[model.id]
 
     async def _prepare_job(
         self, request: GenerateRequest, model: ModelConfig, request_id: str, started: float

@@ -13,9 +13,9 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray import serve
@@ -23,33 +23,19 @@ from ray.serve import metrics
 from ray.serve.handle import DeploymentHandle
 
 from deployments.model_cache import fetch_components
+from shared.api.jobs import DenoiseJob
+from shared.api.schemas import ResultEvent, StepEvent
 from shared.config import AppConfig
-from shared.engine import SDXLEngine
 from shared.errors import GenerationError, RequestCancelledError
-from shared.modules import build_module, build_scheduler_config, pick_device
-from shared.schemas import DenoiseJob, ResultEvent, StepEvent
+from shared.weights.loader import ENGINE_COMPONENTS
+
+if TYPE_CHECKING:
+    from shared.engine.sdxl import SDXLEngine
 
 logger = logging.getLogger("ray.serve")
-ENGINE_COMPONENTS = ("unet", "vae", "scheduler", "taesd")
 RECENT_JOBS = 256
 RELEASE_TIMEOUT_S = 2.0
 _DONE = object()
-
-
-def build_engine(components: dict[str, Any], dtype_name: str, device: str) -> SDXLEngine:
-    """Build an engine from object-store components: zero-copy on CPU, one copy on a GPU."""
-    import torch
-
-    dtype = getattr(torch, dtype_name)
-    taesd = components.get("taesd")
-    return SDXLEngine(
-        unet=build_module(components["unet"], device=device, dtype=dtype),
-        vae=build_module(components["vae"], device=device, dtype=torch.float32),
-        scheduler_config=build_scheduler_config(components["scheduler"]),
-        preview_decoder=build_module(taesd, device=device, dtype=torch.float32) if taesd else None,
-        device=device,
-        dtype=dtype,
-    )
 
 
 def _replica_id() -> str:
@@ -70,15 +56,14 @@ def _node_id() -> str | None:
 
 @serve.deployment(name="SDXLPipeline")
 class SDXLPipeline:
-    def __init__(
-        self,
-        config: AppConfig,
-        cache: DeploymentHandle,
-        engine_builder: Callable[[dict[str, Any], str, str], SDXLEngine] = build_engine,
-    ) -> None:
+    def __init__(self, config: AppConfig, cache: DeploymentHandle) -> None:
+        # torch and diffusers are imported here, in the replica, never where the app is built.
+        from shared.engine.build import build_engine
+        from shared.engine.modules import pick_device
+
         self._config = config
         self._cache = cache
-        self._build = engine_builder
+        self._build = build_engine
         self._device = pick_device(len(ray.get_gpu_ids()))
         # One GPU job at a time per replica: concurrent jobs would only fight for the same SMs.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="denoise")
@@ -161,15 +146,6 @@ class SDXLPipeline:
             cancelled.set()
             record["status"] = status
             self._outcomes.inc(tags={"outcome": status})
-
-    async def generate(self, job: DenoiseJob) -> ResultEvent:
-        result = None
-        async for event in self.stream(job):
-            if isinstance(event, ResultEvent):
-                result = event
-        if result is None:
-            raise GenerationError("the engine finished without a result")
-        return result
 
     async def job_stats(self, job_id: str) -> dict[str, Any] | None:
         """Steps executed and outcome of a recent job on this replica (None if unknown)."""

@@ -57,10 +57,24 @@ class PayloadTooLargeError(ServeError):
     default_code = "body_too_large"
 
 
+class UnsupportedMediaTypeError(ServeError):
+    """The body is not in a media type the route takes (415)."""
+
+    status = 415
+    type = "invalid_request_error"
+    default_code = "unsupported_media_type"
+
+
 class NotFoundError(ServeError):
     status = 404
     type = "not_found_error"
     default_code = "not_found"
+
+
+class MethodNotAllowedError(ServeError):
+    status = 405
+    type = "invalid_request_error"
+    default_code = "method_not_allowed"
 
 
 class BusyError(ServeError):

@@ -1,6 +1,6 @@
-"""Image codecs and guards: arrays to PIL, PIL to base64 PNG/JPEG/WebP and back, downscaling.
+"""Image codecs: arrays to PIL, PIL to base64 PNG/JPEG/WebP, sizes fitted within a square.
 
-Torch-free on purpose, so the Router can decode and check client images without importing torch.
+Torch-free on purpose, so the Router can use it without importing torch.
 Pixel conversion follows diffusers' `VaeImageProcessor.numpy_to_pil` (`(x * 255).round()`), so
 an image encoded here has the same pixels as the one diffusers would return.
 """
@@ -8,16 +8,14 @@ an image encoded here has the same pixels as the one diffusers would return.
 from __future__ import annotations
 
 import base64
-import binascii
 import io
 
 import numpy as np
 from PIL import Image
 
+from shared.api.vocabulary import IMAGE_FORMATS
 from shared.errors import InvalidRequestError
 
-IMAGE_FORMATS = ("png", "jpeg", "webp")
-MIME_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 _PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 _MODES_BY_CHANNELS = {1: "L", 3: "RGB", 4: "RGBA"}
 
@@ -58,45 +56,6 @@ def float_to_uint8(array: np.ndarray) -> np.ndarray:
     return (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
-def decode_b64_image(
-    b64: str, *, max_pixels: int | None = None, param: str = "image"
-) -> Image.Image:
-    """Decode base64 (or a `data:image/...;base64,` URL) into a fully loaded PIL image.
-
-    The pixel count is checked from the header before any pixel data is decoded, so a small
-    compressed file cannot expand into an out-of-memory image.
-    """
-    if b64.startswith("data:"):
-        _, _, b64 = b64.partition(",")
-    try:
-        raw = base64.b64decode(b64, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise InvalidRequestError(
-            f"{param} is not valid base64", code="invalid_image", param=param
-        ) from exc
-    try:
-        img = Image.open(io.BytesIO(raw))
-        _check_pixels(img, max_pixels, param)
-        img.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise InvalidRequestError(
-            f"{param} is not a readable PNG, JPEG or WebP image ({exc})",
-            code="invalid_image",
-            param=param,
-        ) from exc
-    return img
-
-
-def _check_pixels(img: Image.Image, max_pixels: int | None, param: str) -> None:
-    width, height = img.size
-    if max_pixels is not None and width * height > max_pixels:
-        raise InvalidRequestError(
-            f"{param} has {width}x{height} = {width * height} pixels; at most {max_pixels} allowed",
-            code="image_too_large",
-            param=param,
-        )
-
-
 def fit_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     """(width, height) scaled down to fit a `max_side` square, keeping aspect; never scaled up."""
     longest = max(width, height)
@@ -104,11 +63,3 @@ def fit_size(width: int, height: int, max_side: int) -> tuple[int, int]:
         return width, height
     scale = max_side / longest
     return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-def fit_within(img: Image.Image, max_side: int) -> Image.Image:
-    """`img` downscaled so no side exceeds `max_side`; returned unchanged if it already fits."""
-    size = fit_size(img.width, img.height, max_side)
-    if size == img.size:
-        return img
-    return img.resize(size, Image.Resampling.LANCZOS)

@@ -25,6 +25,6 @@ pytest_plugins = ["tests.s3_server"]
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     """The built-in tiny SDXL in diffusers layout (built once per cache dir)."""
-    from shared.tiny import resolve_builtin
+    from shared.weights.builtin import resolve_builtin
 
     return resolve_builtin("tiny")

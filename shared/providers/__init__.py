@@ -1,6 +1,8 @@
 """Cloud image providers: one Ray-free async client per provider protocol, built from config.
 
-`build_client(config)` returns a `ProviderClient` (see `base.py`) for `config.kind`:
+Each kind's module owns its config class and its client; `ProviderConfig` is the union of the
+config classes, discriminated on `kind`, and `build_client(config)` returns the `ProviderClient`
+(see `base.py`) whose `config_class` the config is:
 
 - `openai`   — OpenAI Images API, streaming partial images as step events (`openai_images.py`)
 - `runware`  — Runware task array `imageInference` (`runware.py`)
@@ -15,10 +17,13 @@ non-loopback hosts when `allow_remote` is false or `DIFFUSION_SERVE_LOOPBACK_ONL
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import httpx
+from pydantic import Field
 
 from shared.providers.base import BaseProviderClient, ProviderClient
-from shared.providers.config import ProviderConfig
+from shared.providers.config import ProviderConfigBase
 from shared.providers.errors import (
     ContentFilteredError,
     DeadlineExceededError,
@@ -33,25 +38,28 @@ from shared.providers.errors import (
     ProviderUnavailableError,
     ProviderUnsupportedError,
 )
-from shared.providers.gemini import GeminiClient
+from shared.providers.gemini import GeminiClient, GeminiProviderConfig
 from shared.providers.guard import LOOPBACK_ONLY_ENV
-from shared.providers.openai_images import OpenAIImagesClient
-from shared.providers.parasail import ParasailClient
-from shared.providers.runware import RunwareClient
+from shared.providers.openai_images import OpenAIImagesClient, OpenAIProviderConfig
+from shared.providers.parasail import ParasailClient, ParasailProviderConfig
+from shared.providers.runware import RunwareClient, RunwareProviderConfig
 
-CLIENTS: dict[str, type[BaseProviderClient]] = {
-    "openai": OpenAIImagesClient,
-    "runware": RunwareClient,
-    "gemini": GeminiClient,
-    "parasail": ParasailClient,
+ProviderConfig = Annotated[
+    OpenAIProviderConfig | RunwareProviderConfig | GeminiProviderConfig | ParasailProviderConfig,
+    Field(discriminator="kind"),
+]
+# Keyed by each client's own config class, so a kind's name is written once, in its config.
+CLIENTS: dict[type[ProviderConfigBase], type[BaseProviderClient]] = {
+    client.config_class: client
+    for client in (OpenAIImagesClient, RunwareClient, GeminiClient, ParasailClient)
 }
 
 
 def build_client(
-    config: ProviderConfig, transport: httpx.AsyncBaseTransport | None = None
+    config: ProviderConfigBase, transport: httpx.AsyncBaseTransport | None = None
 ) -> ProviderClient:
-    """The client for `config.kind`; `transport` replaces the network (tests, proxies)."""
-    return CLIENTS[config.kind](config, transport)
+    """The client for `config`'s kind; `transport` replaces the network (tests, proxies)."""
+    return CLIENTS[type(config)](config, transport)
 
 
 __all__ = [
@@ -63,6 +71,7 @@ __all__ = [
     "ProviderBadResponseError",
     "ProviderClient",
     "ProviderConfig",
+    "ProviderConfigBase",
     "ProviderConfigError",
     "ProviderError",
     "ProviderQuotaError",

@@ -27,7 +27,8 @@ from typing import Any, ClassVar, Protocol, TypeVar
 
 import httpx
 
-from shared.providers.config import ProviderConfig
+from shared.api.schemas import GeneratedImage, GenerateRequest, ResultEvent, StepEvent, Timings
+from shared.providers.config import ProviderConfigBase
 from shared.providers.errors import (
     ProviderAuthError,
     ProviderBadResponseError,
@@ -47,7 +48,6 @@ from shared.providers.reliability import (
     call_with_retries,
     parse_retry_after,
 )
-from shared.schemas import GeneratedImage, GenerateRequest, ResultEvent, StepEvent, Timings
 
 # A health probe must answer well inside Serve's health-check timeout, whatever total_s says.
 PROBE_BUDGET_S = 15.0
@@ -111,12 +111,16 @@ def decode_json(body: bytes, what: str) -> Any:
 
 
 class BaseProviderClient(abc.ABC):
-    """HTTP, reliability and result assembly; subclasses add one provider's protocol."""
+    """HTTP, reliability and result assembly; subclasses add one provider's protocol.
 
-    kind: ClassVar[str]
+    `config_class` is the config of the kind a subclass speaks; `shared.providers` builds its
+    registry from it.
+    """
+
+    config_class: ClassVar[type[ProviderConfigBase]]
 
     def __init__(
-        self, config: ProviderConfig, transport: httpx.AsyncBaseTransport | None = None
+        self, config: ProviderConfigBase, transport: httpx.AsyncBaseTransport | None = None
     ) -> None:
         self.name = config.name
         self.config = config
@@ -161,7 +165,7 @@ class BaseProviderClient(abc.ABC):
         """Reachability, key and per-model availability; failures are reported, not raised."""
         report: dict[str, Any] = {
             "provider": self.name,
-            "kind": self.kind,
+            "kind": self.config.kind,
             "base_url": self.config.url,
             "breaker": self.breaker_state(),
             "api_key": "set" if self._api_key else "missing",

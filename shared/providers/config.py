@@ -1,42 +1,30 @@
-"""Configuration of one cloud image provider (`providers:` entries of the app args).
+"""What every cloud provider's configuration shares (`providers:` entries of the app args).
 
-`ProviderConfig` forbids unknown keys like every config model, so a typo fails at deploy time with
-the field's name. Options that only make sense for one protocol live in a per-kind block
-(`openai:`, `runware:`, `gemini:`, `parasail:`); only the block matching `kind` may be set, and
-the client uses that block's defaults when it is left out.
+A provider's config class lives in its kind's module (`OpenAIProviderConfig` in
+`openai_images.py`, ...) and extends `ProviderConfigBase` here with its `kind` and its options
+block (`openai:`, `runware:`, `gemini:`, `parasail:`), whose defaults apply when it is left out.
+`shared.providers.ProviderConfig` is the union of them, discriminated on `kind`; annotate with
+`ProviderConfigBase` where any provider's config will do.
+
+Every model forbids unknown keys, so a typo, or another kind's options block, fails at deploy
+time with the field's name.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-ProviderKind = Literal["openai", "runware", "gemini", "parasail"]
 
-DEFAULT_BASE_URLS: dict[str, str] = {
-    "openai": "https://api.openai.com",
-    "runware": "https://api.runware.ai",
-    "gemini": "https://generativelanguage.googleapis.com",
-    "parasail": "https://api.parasail.io",
-}
-DEFAULT_API_KEY_ENVS: dict[str, str] = {
-    "openai": "OPENAI_API_KEY",
-    "runware": "RUNWARE_API_KEY",
-    "gemini": "GEMINI_API_KEY",
-    "parasail": "PARASAIL_API_KEY",
-}
-Modality = Literal["TEXT", "IMAGE"]
-DEFAULT_MODALITIES: list[Modality] = ["IMAGE"]
-GEMINI_ASPECT_RATIOS = ["1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9"]
+class StrictModel(BaseModel):
+    """Refuses unknown keys; the base of every model here and of the kinds' options blocks."""
 
-
-class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class TimeoutsConfig(_Strict):
+class TimeoutsConfig(StrictModel):
     """How long one call may take; `total_s` bounds every attempt and backoff together."""
 
     connect_s: float = Field(default=5.0, gt=0, le=300, description="TCP/TLS connect timeout.")
@@ -52,7 +40,7 @@ class TimeoutsConfig(_Strict):
     )
 
 
-class RetryConfig(_Strict):
+class RetryConfig(StrictModel):
     """Retries of retryable failures (connection errors, 408, 429, 5xx) only."""
 
     max_attempts: int = Field(
@@ -78,7 +66,7 @@ class RetryConfig(_Strict):
         return self
 
 
-class BreakerConfig(_Strict):
+class BreakerConfig(StrictModel):
     """Per-provider circuit breaker: open after consecutive provider faults, probe after a pause."""
 
     failure_threshold: int = Field(
@@ -89,105 +77,15 @@ class BreakerConfig(_Strict):
     )
 
 
-class OpenAIOptions(_Strict):
-    """OpenAI Images API options (`POST /v1/images/generations`)."""
+class ProviderConfigBase(StrictModel):
+    """One cloud provider: where it is, how to authenticate, what it serves, how to be patient.
 
-    quality: Literal["low", "medium", "high", "auto", "standard", "hd"] | None = Field(
-        default=None, description="`quality` sent with every request; provider default if unset."
-    )
-    background: Literal["transparent", "opaque", "auto"] | None = Field(
-        default=None, description="`background` for GPT image models; provider default if unset."
-    )
-    moderation: Literal["low", "auto"] | None = Field(
-        default=None,
-        description="`moderation` level for GPT image models; provider default if unset.",
-    )
-    user: str | None = Field(
-        default=None, max_length=256, description="Stable end-user/deployment id sent as `user`."
-    )
-    partial_images: int = Field(
-        default=2, ge=0, le=3, description="Partial images requested when streaming with previews."
-    )
-    streaming_model_prefixes: list[str] = Field(
-        default_factory=lambda: ["gpt-image", "chatgpt-image"],
-        description="Models (by name prefix) that accept `stream: true` + `partial_images`.",
-    )
-    legacy_model_prefixes: list[str] = Field(
-        default_factory=lambda: ["dall-e"],
-        description="Models (by name prefix) that take `response_format` instead of "
-        "`output_format`/`background`/`moderation`.",
-    )
-    response_format: Literal["b64_json", "url"] = Field(
-        default="b64_json", description="`response_format` for legacy models; URLs are downloaded."
-    )
+    Each kind's subclass narrows `kind` to its name and sets its public endpoint and usual key
+    variable as `DEFAULT_BASE_URL` and `DEFAULT_API_KEY_ENV`.
+    """
 
-
-class ParasailOptions(OpenAIOptions):
-    """Parasail speaks the OpenAI protocol; image generation is probed before it is used."""
-
-    streaming_model_prefixes: list[str] = Field(
-        default_factory=list, description="Models that stream partial images (none known)."
-    )
-    legacy_model_prefixes: list[str] = Field(
-        default_factory=list, description="Models that take `response_format`."
-    )
-    probe_ttl_s: float = Field(
-        default=300.0,
-        gt=0,
-        le=86400,
-        description="How long a /v1/models capability answer is trusted.",
-    )
-
-
-class RunwareOptions(_Strict):
-    """Runware `imageInference` task options."""
-
-    output_type: Literal["base64Data", "dataURI", "URL"] = Field(
-        default="base64Data", description="`outputType`; URLs are downloaded with the same client."
-    )
-    check_nsfw: bool = Field(
-        default=True, description="Send `checkNSFW`; a flagged image answers `content_filtered`."
-    )
-    default_width: int = Field(
-        default=1024,
-        ge=128,
-        le=2048,
-        multiple_of=64,
-        description="`width` when a request omits it.",
-    )
-    default_height: int = Field(
-        default=1024,
-        ge=128,
-        le=2048,
-        multiple_of=64,
-        description="`height` when a request omits it.",
-    )
-
-
-class GeminiOptions(_Strict):
-    """Gemini `generateContent` options for image-output models."""
-
-    response_modalities: list[Modality] = Field(
-        default_factory=lambda: list(DEFAULT_MODALITIES),
-        min_length=1,
-        description="`generationConfig.responseModalities`; must include IMAGE.",
-    )
-    aspect_ratios: list[str] = Field(
-        default_factory=lambda: list(GEMINI_ASPECT_RATIOS),
-        min_length=1,
-        description="Aspect ratios the models accept; width:height must reduce to one of them.",
-    )
-
-    @field_validator("response_modalities")
-    @classmethod
-    def _wants_images(cls, value: list[str]) -> list[str]:
-        if "IMAGE" not in value:
-            raise ValueError(f"response_modalities must include IMAGE; got {value}")
-        return value
-
-
-class ProviderConfig(_Strict):
-    """One cloud provider: where it is, how to authenticate, what it serves, how to be patient."""
+    DEFAULT_BASE_URL: ClassVar[str]
+    DEFAULT_API_KEY_ENV: ClassVar[str]
 
     name: str = Field(
         min_length=1,
@@ -195,7 +93,7 @@ class ProviderConfig(_Strict):
         pattern=r"^[a-z0-9][a-z0-9_-]*$",
         description="Provider name: the `provider/` prefix of model ids and the result backend.",
     )
-    kind: ProviderKind = Field(description="Protocol the provider speaks.")
+    kind: str = Field(description="Protocol the provider speaks.")
     base_url: str | None = Field(
         default=None,
         max_length=2000,
@@ -225,14 +123,6 @@ class ProviderConfig(_Strict):
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig, description="Timeouts.")
     retries: RetryConfig = Field(default_factory=RetryConfig, description="Retry policy.")
     breaker: BreakerConfig = Field(default_factory=BreakerConfig, description="Circuit breaker.")
-    openai: OpenAIOptions | None = Field(default=None, description="Options when kind is openai.")
-    runware: RunwareOptions | None = Field(
-        default=None, description="Options when kind is runware."
-    )
-    gemini: GeminiOptions | None = Field(default=None, description="Options when kind is gemini.")
-    parasail: ParasailOptions | None = Field(
-        default=None, description="Options when kind is parasail."
-    )
 
     @field_validator("base_url")
     @classmethod
@@ -250,28 +140,12 @@ class ProviderConfig(_Strict):
             raise ValueError(f"base_url must not end in the API version ({path!r}); drop it")
         return value.rstrip("/")
 
-    @model_validator(mode="after")
-    def _options_match_kind(self) -> ProviderConfig:
-        blocks: dict[str, BaseModel | None] = {
-            "openai": self.openai,
-            "runware": self.runware,
-            "gemini": self.gemini,
-            "parasail": self.parasail,
-        }
-        stray = [kind for kind, block in blocks.items() if block is not None and kind != self.kind]
-        if stray:
-            raise ValueError(
-                f"provider {self.name!r} is kind {self.kind!r} but sets options for {stray}; "
-                f"only `{self.kind}:` options apply"
-            )
-        return self
-
     @property
     def url(self) -> str:
         """The base URL in effect."""
-        return self.base_url or DEFAULT_BASE_URLS[self.kind]
+        return self.base_url or self.DEFAULT_BASE_URL
 
     @property
     def key_env(self) -> str:
         """The environment variable that holds the API key."""
-        return self.api_key_env or DEFAULT_API_KEY_ENVS[self.kind]
+        return self.api_key_env or self.DEFAULT_API_KEY_ENV

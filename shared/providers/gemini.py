@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import Any, ClassVar, Literal
 from urllib.parse import quote
 
 import httpx
+from pydantic import Field, field_validator
 
+from shared.api.schemas import GeneratedImage, GenerateRequest
 from shared.providers.base import BaseProviderClient, ErrorInfo, requested_size
-from shared.providers.config import GeminiOptions, ProviderConfig
+from shared.providers.config import ProviderConfigBase, StrictModel
 from shared.providers.errors import (
     ContentFilteredError,
     ProviderAuthError,
@@ -36,9 +38,11 @@ from shared.providers.errors import (
 )
 from shared.providers.images import b64_payload, generated_image
 from shared.providers.reliability import Deadline, parse_retry_after
-from shared.schemas import GeneratedImage, GenerateRequest
 
 API_VERSION = "v1beta"
+Modality = Literal["TEXT", "IMAGE"]
+DEFAULT_MODALITIES: list[Modality] = ["IMAGE"]
+ASPECT_RATIOS = ["1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9"]
 SAFETY_FINISH_REASONS = {
     "SAFETY",
     "IMAGE_SAFETY",
@@ -56,14 +60,48 @@ _ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
 _SECONDS = re.compile(r"^(\d+(?:\.\d+)?)s$")
 
 
+class GeminiOptions(StrictModel):
+    """Gemini `generateContent` options for image-output models."""
+
+    response_modalities: list[Modality] = Field(
+        default_factory=lambda: list(DEFAULT_MODALITIES),
+        min_length=1,
+        description="`generationConfig.responseModalities`; must include IMAGE.",
+    )
+    aspect_ratios: list[str] = Field(
+        default_factory=lambda: list(ASPECT_RATIOS),
+        min_length=1,
+        description="Aspect ratios the models accept; width:height must reduce to one of them.",
+    )
+
+    @field_validator("response_modalities")
+    @classmethod
+    def _wants_images(cls, value: list[str]) -> list[str]:
+        if "IMAGE" not in value:
+            raise ValueError(f"response_modalities must include IMAGE; got {value}")
+        return value
+
+
+class GeminiProviderConfig(ProviderConfigBase):
+    """A provider speaking Gemini's image-output API."""
+
+    DEFAULT_BASE_URL: ClassVar[str] = "https://generativelanguage.googleapis.com"
+    DEFAULT_API_KEY_ENV: ClassVar[str] = "GEMINI_API_KEY"
+
+    kind: Literal["gemini"] = Field(description="Protocol: Gemini `generateContent`.")
+    gemini: GeminiOptions = Field(
+        default_factory=GeminiOptions, description="Gemini image-output options; defaults if unset."
+    )
+
+
 class GeminiClient(BaseProviderClient):
-    kind = "gemini"
+    config_class = GeminiProviderConfig
 
     def __init__(
-        self, config: ProviderConfig, transport: httpx.AsyncBaseTransport | None = None
+        self, config: GeminiProviderConfig, transport: httpx.AsyncBaseTransport | None = None
     ) -> None:
         super().__init__(config, transport)
-        self._options: GeminiOptions = config.gemini or GeminiOptions()
+        self._options = config.gemini
 
     def _auth_headers(self, key: str) -> dict[str, str]:
         # The header, never the `?key=` query form: URLs end up in logs.

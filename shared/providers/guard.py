@@ -14,13 +14,13 @@ import ipaddress
 import os
 from urllib.parse import urlsplit
 
-from shared.providers.config import ProviderConfig
+from shared.providers.config import ProviderConfigBase
 from shared.providers.errors import ProviderConfigError
 
 LOOPBACK_ONLY_ENV = "DIFFUSION_SERVE_LOOPBACK_ONLY"
 
 
-def loopback_only_mode(config: ProviderConfig) -> bool:
+def loopback_only_mode(config: ProviderConfigBase) -> bool:
     return not config.allow_remote or os.environ.get(LOOPBACK_ONLY_ENV) == "1"
 
 

@@ -14,8 +14,8 @@ import io
 
 from PIL import Image, UnidentifiedImageError
 
+from shared.api.schemas import EncodedImage, GeneratedImage
 from shared.providers.errors import ProviderBadResponseError
-from shared.schemas import EncodedImage, GeneratedImage
 
 _FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp", "GIF": "gif"}
 

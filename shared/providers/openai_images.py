@@ -11,18 +11,23 @@ each `image_generation.completed` event is one final image of the `result` event
 
 Fields of `GenerateRequest` this API has no knob for (negative_prompt, steps, guidance_scale,
 scheduler, seed) are not sent; the result's images carry `seed=None` to say no seed applied.
+
+`OpenAICompatibleClient` maps the protocol under whichever `OpenAIOptions` block it is given, so
+Parasail (`parasail.py`) reuses it with its own block and a capability probe in front.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import httpx
+from pydantic import Field
 
+from shared.api.schemas import GeneratedImage, GenerateRequest, ResultEvent, StepEvent
 from shared.providers.base import BaseProviderClient, ErrorInfo, decode_json, requested_size
-from shared.providers.config import OpenAIOptions, ProviderConfig
+from shared.providers.config import ProviderConfigBase, StrictModel
 from shared.providers.errors import (
     ContentFilteredError,
     ProviderBadResponseError,
@@ -33,7 +38,6 @@ from shared.providers.errors import (
 from shared.providers.images import b64_payload, generated_image, preview_image
 from shared.providers.reliability import Deadline
 from shared.providers.sse import ServerSentEvent, iter_sse
-from shared.schemas import GeneratedImage, GenerateRequest, ResultEvent, StepEvent
 
 GENERATIONS_PATH = "/v1/images/generations"
 MODELS_PATH = "/v1/models"
@@ -44,16 +48,62 @@ CONTENT_FILTER_CODES = {"moderation_blocked", "content_policy_violation"}
 QUOTA_CODES = {"insufficient_quota", "billing_hard_limit_reached"}
 
 
-class OpenAIImagesClient(BaseProviderClient):
-    """The OpenAI Images protocol; Parasail reuses it with a capability probe in front."""
+class OpenAIOptions(StrictModel):
+    """OpenAI Images API options (`POST /v1/images/generations`)."""
 
-    kind = "openai"
+    quality: Literal["low", "medium", "high", "auto", "standard", "hd"] | None = Field(
+        default=None, description="`quality` sent with every request; provider default if unset."
+    )
+    background: Literal["transparent", "opaque", "auto"] | None = Field(
+        default=None, description="`background` for GPT image models; provider default if unset."
+    )
+    moderation: Literal["low", "auto"] | None = Field(
+        default=None,
+        description="`moderation` level for GPT image models; provider default if unset.",
+    )
+    user: str | None = Field(
+        default=None, max_length=256, description="Stable end-user/deployment id sent as `user`."
+    )
+    partial_images: int = Field(
+        default=2, ge=0, le=3, description="Partial images requested when streaming with previews."
+    )
+    streaming_model_prefixes: list[str] = Field(
+        default_factory=lambda: ["gpt-image", "chatgpt-image"],
+        description="Models (by name prefix) that accept `stream: true` + `partial_images`.",
+    )
+    legacy_model_prefixes: list[str] = Field(
+        default_factory=lambda: ["dall-e"],
+        description="Models (by name prefix) that take `response_format` instead of "
+        "`output_format`/`background`/`moderation`.",
+    )
+    response_format: Literal["b64_json", "url"] = Field(
+        default="b64_json", description="`response_format` for legacy models; URLs are downloaded."
+    )
+
+
+class OpenAIProviderConfig(ProviderConfigBase):
+    """A provider speaking the OpenAI Images API."""
+
+    DEFAULT_BASE_URL: ClassVar[str] = "https://api.openai.com"
+    DEFAULT_API_KEY_ENV: ClassVar[str] = "OPENAI_API_KEY"
+
+    kind: Literal["openai"] = Field(description="Protocol: the OpenAI Images API.")
+    openai: OpenAIOptions = Field(
+        default_factory=OpenAIOptions, description="OpenAI Images options; defaults if unset."
+    )
+
+
+class OpenAICompatibleClient(BaseProviderClient):
+    """The OpenAI Images protocol, shaped by the `OpenAIOptions` block its subclass passes."""
 
     def __init__(
-        self, config: ProviderConfig, transport: httpx.AsyncBaseTransport | None = None
+        self,
+        config: ProviderConfigBase,
+        options: OpenAIOptions,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         super().__init__(config, transport)
-        self._options: OpenAIOptions = config.openai or OpenAIOptions()
+        self._options = options
 
     # -- request ----------------------------------------------------------------------------------
 
@@ -170,6 +220,15 @@ class OpenAIImagesClient(BaseProviderClient):
         if info.code in CONTENT_FILTER_CODES:
             return ContentFilteredError
         return None
+
+
+class OpenAIImagesClient(OpenAICompatibleClient):
+    config_class = OpenAIProviderConfig
+
+    def __init__(
+        self, config: OpenAIProviderConfig, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        super().__init__(config, config.openai, transport)
 
 
 class _PartialRelay:

@@ -10,25 +10,55 @@ way at request time. When the list cannot be fetched the request goes ahead and 
 from __future__ import annotations
 
 import time
+from typing import ClassVar, Literal
 
 import httpx
+from pydantic import Field
 
-from shared.providers.config import ParasailOptions, ProviderConfig
+from shared.api.schemas import GeneratedImage, GenerateRequest
+from shared.providers.config import ProviderConfigBase
 from shared.providers.errors import ProviderError, ProviderUnsupportedError
-from shared.providers.openai_images import OpenAIImagesClient
+from shared.providers.openai_images import OpenAICompatibleClient, OpenAIOptions
 from shared.providers.reliability import Deadline
-from shared.schemas import GeneratedImage, GenerateRequest
 
 
-class ParasailClient(OpenAIImagesClient):
-    kind = "parasail"
+class ParasailOptions(OpenAIOptions):
+    """Parasail speaks the OpenAI protocol; image generation is probed before it is used."""
+
+    streaming_model_prefixes: list[str] = Field(
+        default_factory=list, description="Models that stream partial images (none known)."
+    )
+    legacy_model_prefixes: list[str] = Field(
+        default_factory=list, description="Models that take `response_format`."
+    )
+    probe_ttl_s: float = Field(
+        default=300.0,
+        gt=0,
+        le=86400,
+        description="How long a /v1/models capability answer is trusted.",
+    )
+
+
+class ParasailProviderConfig(ProviderConfigBase):
+    """A provider on Parasail's OpenAI-compatible API."""
+
+    DEFAULT_BASE_URL: ClassVar[str] = "https://api.parasail.io"
+    DEFAULT_API_KEY_ENV: ClassVar[str] = "PARASAIL_API_KEY"
+
+    kind: Literal["parasail"] = Field(description="Protocol: OpenAI Images on Parasail.")
+    parasail: ParasailOptions = Field(
+        default_factory=ParasailOptions, description="Parasail options; defaults if unset."
+    )
+
+
+class ParasailClient(OpenAICompatibleClient):
+    config_class = ParasailProviderConfig
 
     def __init__(
-        self, config: ProviderConfig, transport: httpx.AsyncBaseTransport | None = None
+        self, config: ParasailProviderConfig, transport: httpx.AsyncBaseTransport | None = None
     ) -> None:
-        super().__init__(config, transport)
-        self._parasail: ParasailOptions = config.parasail or ParasailOptions()
-        self._options = self._parasail  # the OpenAI request mapping reads the same block
+        super().__init__(config, config.parasail, transport)
+        self._probe_ttl_s = config.parasail.probe_ttl_s
         self._listed: set[str] | None = None
         self._listed_at = 0.0
         self._unsupported: dict[str, tuple[str, float]] = {}
@@ -69,13 +99,13 @@ class ParasailClient(OpenAIImagesClient):
     def _known_unsupported(self, model: str) -> str | None:
         """Why `model` failed recently, forgotten after probe_ttl_s (accounts gain access)."""
         reason, at = self._unsupported.get(model, (None, 0.0))
-        if reason is not None and time.monotonic() - at < self._parasail.probe_ttl_s:
+        if reason is not None and time.monotonic() - at < self._probe_ttl_s:
             return reason
         return None
 
     async def _fresh_listing(self, budget: Deadline) -> set[str] | None:
         age = time.monotonic() - self._listed_at
-        if self._listed is not None and age < self._parasail.probe_ttl_s:
+        if self._listed is not None and age < self._probe_ttl_s:
             return self._listed
         try:
             await self._probe_models(budget)

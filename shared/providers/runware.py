@@ -15,12 +15,15 @@ used are returned on each image. An image flagged `NSFWContent` (Runware blacks 
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import httpx
+from pydantic import Field
 
+from shared.api.schemas import GeneratedImage, GenerateRequest
+from shared.api.vocabulary import SchedulerName
 from shared.providers.base import BaseProviderClient, ErrorInfo, requested_size
-from shared.providers.config import ProviderConfig, RunwareOptions
+from shared.providers.config import ProviderConfigBase, StrictModel
 from shared.providers.errors import (
     ContentFilteredError,
     ProviderAuthError,
@@ -32,8 +35,17 @@ from shared.providers.errors import (
 )
 from shared.providers.images import b64_payload, generated_image
 from shared.providers.reliability import Deadline
-from shared.schemas import GeneratedImage, GenerateRequest
 
+# Our sampler names in Runware's own (A1111-style) scheduler vocabulary.
+RUNWARE_SCHEDULERS: dict[SchedulerName, str] = {
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "ddim": "DDIM",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras",
+    "unipc": "UniPC",
+}
 TASKS_PATH = "/v1"
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPG", "webp": "WEBP"}
 _ERROR_CLASSES: dict[str, type[ProviderError]] = {
@@ -44,14 +56,52 @@ _ERROR_CLASSES: dict[str, type[ProviderError]] = {
 }
 
 
+class RunwareOptions(StrictModel):
+    """Runware `imageInference` task options."""
+
+    output_type: Literal["base64Data", "dataURI", "URL"] = Field(
+        default="base64Data", description="`outputType`; URLs are downloaded with the same client."
+    )
+    check_nsfw: bool = Field(
+        default=True, description="Send `checkNSFW`; a flagged image answers `content_filtered`."
+    )
+    default_width: int = Field(
+        default=1024,
+        ge=128,
+        le=2048,
+        multiple_of=64,
+        description="`width` when a request omits it.",
+    )
+    default_height: int = Field(
+        default=1024,
+        ge=128,
+        le=2048,
+        multiple_of=64,
+        description="`height` when a request omits it.",
+    )
+
+
+class RunwareProviderConfig(ProviderConfigBase):
+    """A provider speaking Runware's task API."""
+
+    DEFAULT_BASE_URL: ClassVar[str] = "https://api.runware.ai"
+    DEFAULT_API_KEY_ENV: ClassVar[str] = "RUNWARE_API_KEY"
+
+    kind: Literal["runware"] = Field(description="Protocol: Runware's task API.")
+    runware: RunwareOptions = Field(
+        default_factory=RunwareOptions,
+        description="Runware `imageInference` options; defaults if unset.",
+    )
+
+
 class RunwareClient(BaseProviderClient):
-    kind = "runware"
+    config_class = RunwareProviderConfig
 
     def __init__(
-        self, config: ProviderConfig, transport: httpx.AsyncBaseTransport | None = None
+        self, config: RunwareProviderConfig, transport: httpx.AsyncBaseTransport | None = None
     ) -> None:
         super().__init__(config, transport)
-        self._options: RunwareOptions = config.runware or RunwareOptions()
+        self._options = config.runware
 
     def _task(self, request: GenerateRequest, task_uuid: str) -> dict[str, Any]:
         options = self._options
@@ -69,7 +119,7 @@ class RunwareClient(BaseProviderClient):
             "height": height,
             "steps": request.steps,
             "CFGScale": request.guidance_scale,
-            "scheduler": request.scheduler,
+            "scheduler": RUNWARE_SCHEDULERS[request.scheduler] if request.scheduler else None,
             "seed": request.seed,
             "numberResults": request.n,
             "outputType": options.output_type,

@@ -11,7 +11,15 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
-from shared.providers import LOOPBACK_ONLY_ENV, ProviderClient, ProviderConfig, build_client
+from pydantic import TypeAdapter
+
+from shared.providers import (
+    LOOPBACK_ONLY_ENV,
+    ProviderClient,
+    ProviderConfig,
+    ProviderConfigBase,
+    build_client,
+)
 from tests.fakes.server import FakeProvider
 
 # Short waits so retry tests take milliseconds; tests that measure Retry-After raise the cap.
@@ -21,9 +29,10 @@ FAST = {
     "breaker": {"failure_threshold": 5, "reset_timeout_s": 30.0},
 }
 KEEP = object()
+PROVIDER_CONFIG: TypeAdapter[ProviderConfig] = TypeAdapter(ProviderConfig)
 
 
-def provider_config(fake: FakeProvider, **overrides: Any) -> ProviderConfig:
+def provider_config(fake: FakeProvider, **overrides: Any) -> ProviderConfigBase:
     """The fake's config with FAST settings; dict overrides merge into nested blocks."""
     data: dict[str, Any] = fake.config() | {key: dict(value) for key, value in FAST.items()}
     for key, value in overrides.items():
@@ -31,7 +40,7 @@ def provider_config(fake: FakeProvider, **overrides: Any) -> ProviderConfig:
             data[key] = data[key] | value
         else:
             data[key] = value
-    return ProviderConfig.model_validate(data)
+    return PROVIDER_CONFIG.validate_python(data)
 
 
 @contextmanager

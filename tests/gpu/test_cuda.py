@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from shared.config import ModelConfig
-from shared.weights import load_model
+from shared.weights.loader import load_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def test_modules_land_on_the_device_in_the_compute_dtype(tiny_model_dir: Path) -> None:
-    from shared.modules import build_module
+    from shared.engine.modules import build_module
 
     unet_weights = load_model(ModelConfig(id="t", source=str(tiny_model_dir))).components["unet"]
     on_gpu = build_module(unet_weights, device="cuda", dtype=torch.float16)
@@ -32,9 +32,8 @@ def test_modules_land_on_the_device_in_the_compute_dtype(tiny_model_dir: Path) -
 
 
 def test_engine_generates_on_cuda_from_object_store_components(tiny_model_dir: Path) -> None:
-    from deployments.encoder import build_prompt_encoder
-    from deployments.sdxl import build_engine
-    from shared.schemas import DenoiseJob
+    from shared.api.jobs import DenoiseJob
+    from shared.engine.build import build_engine, build_prompt_encoder
 
     components = load_model(
         ModelConfig(id="t", source=str(tiny_model_dir)), extra={"taesd": "taesd"}

@@ -7,7 +7,7 @@ from typing import Any
 
 from ray import serve
 
-from shared.schemas import GenerateRequest, GenerateResponse, StepEvent
+from shared.api.schemas import GenerateRequest, GenerateResponse, StepEvent
 
 
 @serve.deployment(name="HandleClient", ray_actor_options={"num_cpus": 0.05})

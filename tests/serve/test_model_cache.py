@@ -47,7 +47,15 @@ def s3_app(ray_session: int, s3_server: S3Server, tiny_model_dir: Path) -> Itera
     options = s3_server.storage_options(
         key="testing", secret="testing", client_kwargs={"region_name": "us-east-1"}
     )
-    model = {"id": "s3-tiny", "source": url, "storage_options": options, "preload": False}
+    model = {
+        "id": "s3-tiny",
+        "source": url,
+        "storage_options": options,
+        "preload": False,
+        # No configured size: requests that omit one get the checkpoint's own.
+        "default_width": None,
+        "default_height": None,
+    }
     s3_server.clear_log()
     router = deploy(S3_APP, app_args([model], pipeline_replicas=2))
     try:
@@ -71,6 +79,16 @@ def test_concurrent_first_requests_load_the_model_once(s3_app: tuple, s3_server:
     assert max(gets.values()) == 1, gets  # one load: every object fetched exactly once
     assert set(gets) <= {f"/models/{key}" for key in keys}
     assert any(path.endswith("unet/diffusion_pytorch_model.safetensors") for path in gets)
+    assert cache_status(S3_APP)["s3-tiny"]["state"] == "cached"
+
+
+def test_an_unset_size_is_the_checkpoints_own(s3_app: tuple) -> None:
+    router, _, _ = s3_app
+    request = {"model": "s3-tiny", "prompt": "a cat", "steps": 2, "seed": 3}
+    result = router.generate.remote(request).result(timeout_s=180).model_dump()
+    (image,) = result["images"]
+    # tiny's UNet sample_size 16 x its VAE's scale factor 8; a tiny-model default would be 64.
+    assert (image["width"], image["height"]) == (128, 128)
     assert cache_status(S3_APP)["s3-tiny"]["state"] == "cached"
 
 
@@ -182,7 +200,7 @@ def test_eviction_takes_only_models_no_replica_holds(
     from ray import serve
 
     from shared.config import ModelConfig
-    from shared.weights import load_model
+    from shared.weights.loader import load_model
 
     one_model = load_model(ModelConfig(id="x", source=str(tiny_model_dir)), extra=TAESD).nbytes
     models = [

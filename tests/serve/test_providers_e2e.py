@@ -99,7 +99,7 @@ def test_unknown_provider_model_is_422(cloud_url: str) -> None:
 def test_provider_via_handle() -> None:
     from ray import serve
 
-    from shared.schemas import GenerateRequest
+    from shared.api.schemas import GenerateRequest
 
     handle = serve.get_app_handle(APP)
     request = GenerateRequest(model="openai/dall-e-3", prompt="a fox", width=1024, height=1024)

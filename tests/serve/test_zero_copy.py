@@ -35,7 +35,7 @@ def small_app(ray_session: int) -> Iterator[tuple[Any, int]]:
     at a time."""
     from ray import serve
 
-    from shared.tiny import resolve_builtin
+    from shared.weights.builtin import resolve_builtin
 
     folder = resolve_builtin("small")
     engine_bytes = sum(

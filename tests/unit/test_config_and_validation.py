@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from shared.api.schemas import GenerateRequest
+from shared.api.validation import parse_body, parse_request, resolve_request
 from shared.config import AppConfig, LimitsConfig, ModelConfig
 from shared.errors import InvalidRequestError, MalformedRequestError, PayloadTooLargeError
-from shared.samplers import SCHEDULER_NAMES
-from shared.schemas import GenerateRequest
-from shared.validation import parse_body, parse_request, resolve_request
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = [REPO / "serve_config.yaml", *sorted((REPO / "cluster").glob("serve_config*.yaml"))]
@@ -73,13 +72,26 @@ LIMITS = LimitsConfig(max_side=512, max_pixels=512 * 512, max_steps=50, max_n=4)
 
 def resolve(**fields: object) -> GenerateRequest:
     request = parse_request({"model": "tiny", "prompt": "a cat", **fields})
-    return resolve_request(request, MODEL, LIMITS, SCHEDULER_NAMES)
+    return resolve_request(request, MODEL, LIMITS)
 
 
 def test_defaults_come_from_the_model() -> None:
     request = resolve()
     assert (request.width, request.height, request.steps) == (64, 64, 8)
     assert request.seed is not None and request.scheduler is None
+
+
+def test_unset_sizes_come_from_the_checkpoint_not_from_the_tiny_model() -> None:
+    model = ModelConfig(id="sdxl", source="stabilityai/stable-diffusion-xl-base-1.0")
+    assert (model.default_width, model.default_height, model.default_steps) == (None, None, 30)
+    limits = LimitsConfig()
+    request = parse_request({"model": "sdxl", "prompt": "a cat"})
+
+    resolved = resolve_request(request, model, limits, checkpoint_size=(1024, 1024))
+    assert (resolved.width, resolved.height, resolved.steps) == (1024, 1024, 30)
+    wide = parse_request({"model": "sdxl", "prompt": "a cat", "width": 1152})
+    resolved = resolve_request(wide, model.model_copy(update={"default_height": 896}), limits)
+    assert (resolved.width, resolved.height) == (1152, 896)  # nothing left for the checkpoint
 
 
 @pytest.mark.parametrize(
@@ -107,7 +119,7 @@ def test_pixel_budget_is_separate_from_sides() -> None:
     limits = LimitsConfig(max_side=512, max_pixels=256 * 256)
     request = parse_request({"model": "tiny", "prompt": "a", "width": 512, "height": 512})
     with pytest.raises(InvalidRequestError, match="262144 pixels"):
-        resolve_request(request, MODEL, limits, SCHEDULER_NAMES)
+        resolve_request(request, MODEL, limits)
 
 
 def test_schema_errors_become_picklable_errors() -> None:

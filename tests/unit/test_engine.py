@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,10 +16,11 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 from PIL import Image
 
-from shared.engine import SCHEDULER_NAMES, SDXLEngine, build_scheduler
+from shared.api.jobs import DenoiseJob, PromptEmbeddings
+from shared.api.schemas import ResultEvent, StepEvent
+from shared.api.vocabulary import SCHEDULER_NAMES
+from shared.engine.sdxl import SDXLEngine, build_scheduler
 from shared.errors import GenerationError, InvalidRequestError, RequestCancelledError
-from shared.imaging import decode_b64_image
-from shared.schemas import DenoiseJob, PromptEmbeddings, ResultEvent, StepEvent
 
 STEPS = 5
 
@@ -78,7 +79,31 @@ def run(
 
 
 def pixels(result: ResultEvent) -> np.ndarray:
-    return np.stack([np.asarray(decode_b64_image(image.b64)) for image in result.images])
+    decoded = [Image.open(io.BytesIO(base64.b64decode(image.b64))) for image in result.images]
+    return np.stack([np.asarray(img) for img in decoded])
+
+
+class UNetCalls:
+    """Counts forward passes of an engine's UNet (a torch forward hook): the steps actually run."""
+
+    def __init__(self, engine: SDXLEngine) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+        self._handle = engine.unet.register_forward_hook(self._seen)
+
+    def _seen(self, *_: object) -> None:
+        with self._lock:
+            self.count += 1
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+@pytest.fixture()
+def unet_calls(engine: SDXLEngine) -> Iterator[UNetCalls]:
+    calls = UNetCalls(engine)
+    yield calls
+    calls.close()
 
 
 def diffusers_pixels(
@@ -174,29 +199,33 @@ def test_tiny_preview_without_autoencoder_is_refused_before_any_step(
     engine: SDXLEngine, base_job: DenoiseJob
 ) -> None:
     bare = SDXLEngine(engine.unet, engine.vae_decoder.vae, engine.scheduler_config)
+    calls = UNetCalls(bare)
     events: list[StepEvent] = []
     with pytest.raises(InvalidRequestError) as caught:
         bare.run(replace(base_job, preview="tiny"), events.append, lambda: False)
+    calls.close()
     assert caught.value.code == "preview_unavailable" and caught.value.param == "preview"
-    assert events == [] and bare.steps_run == 0
+    assert events == [] and calls.count == 0
 
 
-def test_cancellation_stops_at_the_next_step(engine: SDXLEngine, base_job: DenoiseJob) -> None:
+def test_cancellation_stops_at_the_next_step(
+    engine: SDXLEngine, base_job: DenoiseJob, unet_calls: UNetCalls
+) -> None:
     events: list[StepEvent] = []
-    before = engine.steps_run
     with pytest.raises(RequestCancelledError):
         engine.run(replace(base_job, steps=10), events.append, lambda: len(events) >= 3)
     assert [event.index for event in events] == [1, 2, 3]
-    assert engine.steps_run - before <= 4
+    assert unet_calls.count == 3
 
 
-def test_unknown_scheduler_is_refused(engine: SDXLEngine, base_job: DenoiseJob) -> None:
-    before = engine.steps_run
+def test_unknown_scheduler_is_refused(
+    engine: SDXLEngine, base_job: DenoiseJob, unet_calls: UNetCalls
+) -> None:
     with pytest.raises(InvalidRequestError) as caught:
-        run(engine, replace(base_job, scheduler="warp_drive"))
+        run(engine, replace(base_job, scheduler="warp_drive"))  # type: ignore[arg-type]
     assert caught.value.param == "scheduler"
     assert all(name in caught.value.message for name in SCHEDULER_NAMES)
-    assert engine.steps_run == before
+    assert unet_calls.count == 0
 
 
 def test_nan_from_the_vae_is_an_error_not_an_image(
@@ -206,9 +235,11 @@ def test_nan_from_the_vae_is_an_error_not_an_image(
     with torch.no_grad():
         vae.decoder.conv_out.bias.fill_(float("nan"))
     broken = SDXLEngine(engine.unet, vae, engine.scheduler_config)
+    calls = UNetCalls(broken)
     with pytest.raises(GenerationError):
         run(broken, replace(base_job, steps=2))
-    assert broken.steps_run == 2
+    calls.close()
+    assert calls.count == 2
 
 
 def test_result_metadata_and_formats(engine: SDXLEngine, base_job: DenoiseJob) -> None:
@@ -225,11 +256,11 @@ def test_result_metadata_and_formats(engine: SDXLEngine, base_job: DenoiseJob) -
 
 
 def test_concurrent_jobs_do_not_share_sampler_state(
-    engine: SDXLEngine, base_job: DenoiseJob
+    engine: SDXLEngine, base_job: DenoiseJob, unet_calls: UNetCalls
 ) -> None:
     jobs = [replace(base_job, scheduler="dpmpp_2m", steps=3, seeds=[seed]) for seed in (21, 22)]
     sequential = [run(engine, job)[0].images[0].b64 for job in jobs]
-    before = engine.steps_run
+    before = unet_calls.count
     concurrent: dict[int, str] = {}
 
     def work(position: int) -> None:
@@ -241,4 +272,4 @@ def test_concurrent_jobs_do_not_share_sampler_state(
     for thread in threads:
         thread.join()
     assert [concurrent[0], concurrent[1]] == sequential
-    assert engine.steps_run - before == 6
+    assert unet_calls.count - before == 6

@@ -1,21 +1,25 @@
-"""ProviderConfig validation, the loopback guard, and the small parsers the clients share."""
+"""ProviderConfig validation, the kind registry, the loopback guard, and the small parsers the
+clients share."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import get_args
 
 import pytest
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from shared.providers import (
     CLIENTS,
     LOOPBACK_ONLY_ENV,
     ProviderBadResponseError,
     ProviderConfig,
+    ProviderConfigBase,
     ProviderConfigError,
     build_client,
 )
 from shared.providers.images import b64_payload, describe
+from shared.providers.openai_images import OpenAIOptions, OpenAIProviderConfig
 from shared.providers.sse import ServerSentEvent, iter_sse
 from tests.fakes import make_b64, make_image
 
@@ -27,14 +31,31 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def config(**fields: object) -> ProviderConfig:
-    return ProviderConfig.model_validate({"name": "p", "kind": "openai", "models": ["m"]} | fields)
+PROVIDER_CONFIG: TypeAdapter[ProviderConfig] = TypeAdapter(ProviderConfig)
+CONFIG_CLASSES: tuple[type[ProviderConfigBase], ...] = get_args(get_args(ProviderConfig)[0])
+
+
+def kind_of(config_class: type[ProviderConfigBase]) -> str:
+    (kind,) = get_args(config_class.model_fields["kind"].annotation)
+    return str(kind)
+
+
+KINDS = sorted(kind_of(config_class) for config_class in CONFIG_CLASSES)
+
+
+def config(**fields: object) -> ProviderConfigBase:
+    return PROVIDER_CONFIG.validate_python(
+        {"name": "p", "kind": "openai", "models": ["m"]} | fields
+    )
 
 
 # -- ProviderConfig -------------------------------------------------------------------------------
 
 
 def test_defaults_fill_in_the_public_endpoint_and_key_variable() -> None:
+    openai = config()
+    assert isinstance(openai, OpenAIProviderConfig)
+    assert openai.openai == OpenAIOptions()  # the kind's block, with its defaults, when left out
     assert config().url == "https://api.openai.com"
     assert config().key_env == "OPENAI_API_KEY"
     assert config(kind="gemini").url == "https://generativelanguage.googleapis.com"
@@ -51,8 +72,8 @@ def test_defaults_fill_in_the_public_endpoint_and_key_variable() -> None:
         ({"base_url": "https://api.openai.com/v1"}, "API version"),
         ({"base_url": "ftp://host"}, r"http\(s\) URL"),
         ({"base_url": "https://user:pw@host"}, "credentials"),
-        ({"runware": {"output_type": "URL"}}, "only `openai:` options apply"),
-        ({"kind": "dalle"}, "kind"),
+        ({"kind": "dalle"}, "'kind' does not match any of the expected tags: 'openai'"),
+        ({"kind": None}, "kind"),
         ({"models": []}, "models"),
         ({"name": "Bad Name"}, "name"),
         ({"kind": "gemini", "gemini": {"response_modalities": ["TEXT"]}}, "must include IMAGE"),
@@ -63,15 +84,39 @@ def test_mistakes_fail_with_the_field_named(fields: dict[str, object], message: 
         config(**fields)
 
 
-def test_every_field_has_a_description() -> None:
-    for field_name, field in ProviderConfig.model_fields.items():
+@pytest.mark.parametrize(
+    ("kind", "other"), [(kind, other) for kind in KINDS for other in KINDS if other != kind]
+)
+def test_an_options_block_of_another_kind_is_refused_by_name(kind: str, other: str) -> None:
+    assert getattr(config(kind=kind, **{kind: {}}), kind) is not None  # its own block is fine
+    with pytest.raises(ValidationError, match=rf"{kind}\.{other}\n  Extra inputs") as caught:
+        config(kind=kind, **{other: {}})
+    (error,) = caught.value.errors()
+    assert (error["loc"], error["type"]) == ((kind, other), "extra_forbidden")
+
+
+def test_every_kind_in_the_union_has_a_client() -> None:
+    assert set(CLIENTS) == set(CONFIG_CLASSES)
+    assert len(set(KINDS)) == len(KINDS)
+    for config_class, client in CLIENTS.items():
+        kind = kind_of(config_class)
+        assert client.config_class is config_class
+        assert kind in config_class.model_fields, f"{kind} has no `{kind}:` options block"
+        built = config(kind=kind)  # the class's endpoint and key variable fill in the defaults
+        assert type(built) is config_class
+        assert built.url.startswith("https://") and built.key_env.endswith("_API_KEY")
+
+
+@pytest.mark.parametrize("config_class", CONFIG_CLASSES, ids=kind_of)
+def test_every_field_has_a_description(config_class: type[ProviderConfigBase]) -> None:
+    for field_name, field in config_class.model_fields.items():
         assert field.description, field_name
 
 
 # -- loopback guard -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", sorted(CLIENTS))
+@pytest.mark.parametrize("kind", KINDS)
 def test_remote_host_is_refused_in_loopback_only_mode(
     kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

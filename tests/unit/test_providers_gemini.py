@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from shared.api.schemas import GenerateRequest
 from shared.providers import (
     ContentFilteredError,
     ProviderAuthError,
@@ -15,7 +16,6 @@ from shared.providers import (
     ProviderRejectedError,
     ProviderUnsupportedError,
 )
-from shared.schemas import GenerateRequest
 from tests.fakes import FakeProvider, Fault, start_fake
 from tests.fakes.clients import fake_client
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from shared.api.schemas import GenerateRequest, ResultEvent, StepEvent
 from shared.providers import (
     ContentFilteredError,
     DeadlineExceededError,
@@ -26,7 +27,6 @@ from shared.providers import (
     ProviderUnavailableError,
     ProviderUnsupportedError,
 )
-from shared.schemas import GenerateRequest, ResultEvent, StepEvent
 from tests.fakes import FakeProvider, Fault, make_image, start_fake
 from tests.fakes.clients import fake_client
 
@@ -398,6 +398,7 @@ async def test_probe_reports_models_from_the_model_list(fake: FakeProvider) -> N
     async with fake_client(fake) as client:
         report = await client.probe()
     assert report["status"] == "ok" and report["breaker"] == "closed"
+    assert report["kind"] == "openai"
     assert report["models"]["gpt-image-1"] == "available"
     assert fake.calls[0].path == "/v1/models"
 

@@ -6,8 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from shared.api.schemas import GenerateRequest
 from shared.providers import ProviderUnsupportedError
-from shared.schemas import GenerateRequest
 from tests.fakes import FakeProvider, ParasailFake, start_fake
 from tests.fakes.clients import fake_client
 
@@ -83,7 +83,7 @@ async def test_probe_of_an_unreachable_provider_reports_instead_of_raising() -> 
         pass  # stopped: its port now refuses connections
     async with fake_client(gone) as client:
         report = await client.probe()
-    assert report["status"] == "unreachable"
+    assert (report["status"], report["kind"]) == ("unreachable", "parasail")
     assert report["models"] == {IMAGE_MODEL: "unknown"}
     assert "unreachable" in report["detail"]
 

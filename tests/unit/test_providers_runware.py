@@ -7,13 +7,13 @@ from collections.abc import Iterator
 
 import pytest
 
+from shared.api.schemas import GenerateRequest
 from shared.providers import (
     ContentFilteredError,
     ProviderAuthError,
     ProviderRejectedError,
     ProviderTimeoutError,
 )
-from shared.schemas import GenerateRequest
 from tests.fakes import FakeProvider, Fault, RunwareFake, start_fake
 from tests.fakes.clients import fake_client
 
@@ -50,7 +50,7 @@ async def test_task_mapping_and_seeds_returned(fake: RunwareFake) -> None:
                 negative_prompt="blurry",
                 steps=12,
                 guidance_scale=6.5,
-                scheduler="Euler",
+                scheduler="dpmpp_2m_karras",
                 seed=42,
                 n=2,
                 output_format="webp",
@@ -70,7 +70,7 @@ async def test_task_mapping_and_seeds_returned(fake: RunwareFake) -> None:
         "height": 128,
         "steps": 12,
         "CFGScale": 6.5,
-        "scheduler": "Euler",
+        "scheduler": "DPM++ 2M Karras",
         "seed": 42,
         "numberResults": 2,
         "outputType": "base64Data",

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from shared.api.jobs import PromptEmbeddings
 from shared.errors import InvalidRequestError
-from shared.schemas import PromptEmbeddings
 
 # SDXL base's pipeline default; a model_index.json without the key means this value.
 DEFAULT_FORCE_ZEROS_FOR_EMPTY_PROMPT = True
@@ -78,14 +78,6 @@ class PromptEncoder:
                 index.get("force_zeros_for_empty_prompt", DEFAULT_FORCE_ZEROS_FOR_EMPTY_PROMPT)
             ),
         )
-
-    def count_tokens(self, text: str) -> int:
-        """Tokens `text` takes, start/end tokens included (the larger count of both tokenizers)."""
-        return max(self._token_counts([text])[0])
-
-    def check_length(self, text: str, param: str) -> None:
-        """Raise `InvalidRequestError(code="prompt_too_long", param=param)` if `text` won't fit."""
-        self._raise_if_too_long(self.count_tokens(text), param)
 
     def encode(
         self, pairs: list[tuple[str, str | None]]

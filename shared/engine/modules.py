@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from shared.errors import ModelLoadError
-from shared.tensor_files import DTYPES
+from shared.weights.tensor_files import DTYPES
 
 if TYPE_CHECKING:
     import torch
     import transformers
 
-    from shared.tensor_files import TensorBlob
-    from shared.weights import ComponentWeights
+    from shared.weights.loader import ComponentWeights
+    from shared.weights.tensor_files import TensorBlob
 
 
 def pick_device(assigned_gpus: int) -> str:

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Iterable
 from typing import Any
 
 from pydantic import ValidationError
 
+from shared.api.schemas import GenerateRequest
 from shared.config import LimitsConfig, ModelConfig
 from shared.errors import InvalidRequestError, MalformedRequestError, PayloadTooLargeError
-from shared.schemas import GenerateRequest
+
+# Codes kept from before these fields were literals, so clients that match on them still work.
+_LITERAL_CODES = {"scheduler": "unknown_scheduler"}
 
 
 def parse_body(body: bytes, max_bytes: int) -> dict[str, Any]:
@@ -52,6 +54,13 @@ def _from_validation_error(exc: ValidationError) -> InvalidRequestError:
         )
     if kind == "missing":
         return InvalidRequestError(f"{param} is required", code="missing_field", param=param)
+    if kind == "literal_error":
+        expected = first.get("ctx", {}).get("expected", "")
+        return InvalidRequestError(
+            f"{param} must be one of {expected}; got {first['input']!r}",
+            code=_LITERAL_CODES.get(param or "", "invalid_value"),
+            param=param,
+        )
     return InvalidRequestError(f"{param}: {first['msg']}", code="invalid_value", param=param)
 
 
@@ -59,13 +68,20 @@ def resolve_request(
     request: GenerateRequest,
     model: ModelConfig,
     limits: LimitsConfig,
-    schedulers: Iterable[str],
+    checkpoint_size: tuple[int, int] | None = None,
 ) -> GenerateRequest:
-    """Fill the model's defaults and enforce configured limits; returns a complete request."""
+    """Fill in defaults and enforce configured limits; returns a complete request.
+
+    A side the request leaves out is the model config's default, else the checkpoint's own
+    (`checkpoint_size`, width and height: the UNet's sample size times the VAE's scale factor).
+    """
+    checkpoint_width, checkpoint_height = checkpoint_size or (None, None)
+    width = _first_set("width", request.width, model.default_width, checkpoint_width)
+    height = _first_set("height", request.height, model.default_height, checkpoint_height)
     filled = request.model_copy(
         update={
-            "width": request.width if request.width is not None else model.default_width,
-            "height": request.height if request.height is not None else model.default_height,
+            "width": width,
+            "height": height,
             "steps": request.steps if request.steps is not None else model.default_steps,
             "scheduler": request.scheduler or model.default_scheduler,
             "seed": request.seed if request.seed is not None else secrets.randbelow(2**32),
@@ -84,14 +100,19 @@ def resolve_request(
                 code="prompt_too_long",
                 param=name,
             )
-    allowed = tuple(schedulers)
-    if filled.scheduler is not None and filled.scheduler not in allowed:
-        raise InvalidRequestError(
-            f"unknown scheduler {filled.scheduler!r}; choose one of: {', '.join(allowed)}",
-            code="unknown_scheduler",
-            param="scheduler",
-        )
     return filled
+
+
+def _first_set(name: str, *values: int | None) -> int:
+    for value in values:
+        if value is not None:
+            return value
+    raise InvalidRequestError(
+        f"{name} is required for this model: neither its config nor its checkpoint gives a "
+        "default size",
+        code="missing_field",
+        param=name,
+    )
 
 
 def check_remote_request(request: GenerateRequest, limits: LimitsConfig) -> None:

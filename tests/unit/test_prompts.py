@@ -10,9 +10,9 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
+from shared.api.jobs import PromptEmbeddings
+from shared.engine.prompts import PromptEncoder
 from shared.errors import InvalidRequestError
-from shared.schemas import PromptEmbeddings
-from shared.text import PromptEncoder
 
 PROMPT = "a photo of a cat sitting on a red chair"
 NEGATIVE = "blurry, low quality"
@@ -171,25 +171,25 @@ def test_all_pairs_too_long_runs_no_encoder(tiny_model_dir: Path) -> None:
     assert calls == [[], []]
 
 
-def test_check_length_accepts_exactly_the_window(encoder: PromptEncoder) -> None:
+def test_the_window_is_77_tokens_including_start_and_end(encoder: PromptEncoder) -> None:
     assert encoder.max_tokens == 77
-    encoder.check_length("x" * 75, "prompt")  # 75 + start + end = 77: fits
+    fits, too_long = encoder.encode([("x" * 75, None), ("a cat", "x" * 76)])
 
-    with pytest.raises(InvalidRequestError) as raised:
-        encoder.check_length("x" * 76, "negative_prompt")
+    assert not isinstance(fits, InvalidRequestError)  # 75 + start + end = 77
+    assert isinstance(too_long, InvalidRequestError)
+    assert (too_long.code, too_long.param) == ("prompt_too_long", "negative_prompt")
+    assert too_long.message.startswith("negative_prompt is 78 tokens long;")
 
-    assert (raised.value.code, raised.value.param) == ("prompt_too_long", "negative_prompt")
-    assert raised.value.message.startswith("negative_prompt is 78 tokens long;")
 
+def test_lengths_are_counted_in_tokens_not_characters(encoder: PromptEncoder) -> None:
+    # "red" is a whole word in the tiny vocabulary: one token, not three characters.
+    fits, too_long = encoder.encode(
+        [(" ".join(["red"] * 75), None), (" ".join(["red"] * 76), None)]
+    )
 
-def test_count_tokens_includes_start_and_end(encoder: PromptEncoder) -> None:
-    tokenizer = encoder.tokenizers[0]
-
-    assert encoder.count_tokens("") == 2
-    assert encoder.count_tokens("x" * 10) == 12
-    assert encoder.count_tokens(PROMPT) == len(tokenizer(PROMPT).input_ids)
-    # "red" is a whole word in the tiny vocabulary: a single token, not three characters.
-    assert encoder.count_tokens("red") == 3
+    assert not isinstance(fits, InvalidRequestError)
+    assert isinstance(too_long, InvalidRequestError)
+    assert too_long.message.startswith("prompt is 78 tokens long;")
 
 
 def test_from_pretrained_dir_reads_force_zeros_from_model_index(

@@ -14,9 +14,9 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderTiny
 from PIL import Image
 
+from shared.api.schemas import EncodedImage
 from shared.errors import GenerationError
 from shared.imaging import encode_image, fit_size, float_to_uint8, to_pil
-from shared.schemas import EncodedImage
 
 PREVIEW_FORMAT = "jpeg"
 PREVIEW_QUALITY = 75

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,9 +25,16 @@ from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-from shared.errors import InvalidRequestError, RequestCancelledError
-from shared.imaging import IMAGE_FORMATS, encode_image, to_pil
-from shared.previews import (
+from shared.api.jobs import DenoiseJob
+from shared.api.schemas import GeneratedImage, ResultEvent, StepEvent, Timings
+from shared.api.vocabulary import (
+    IMAGE_FORMATS,
+    PREVIEW_KINDS,
+    SAMPLERS,
+    SCHEDULER_NAMES,
+    PreviewKind,
+)
+from shared.engine.previews import (
     LatentRGBDecoder,
     PreviewDecoder,
     TinyVAEDecoder,
@@ -36,10 +42,8 @@ from shared.previews import (
     place_module,
     render_previews,
 )
-from shared.samplers import SAMPLERS, SCHEDULER_NAMES
-from shared.schemas import DenoiseJob, GeneratedImage, ResultEvent, StepEvent, Timings
-
-PREVIEW_KINDS = ("none", "latent", "tiny", "full")
+from shared.errors import InvalidRequestError, RequestCancelledError
+from shared.imaging import encode_image, to_pil
 
 StepHook = Callable[[StepEvent], None]
 
@@ -109,13 +113,11 @@ class SDXLEngine:
             if preview_decoder is not None
             else None
         )
-        self.previewers: dict[str, PreviewDecoder | None] = {
+        self.previewers: dict[PreviewKind, PreviewDecoder | None] = {
             "latent": LatentRGBDecoder(),
             "tiny": tiny,
             "full": self.vae_decoder,
         }
-        self._steps_lock = threading.Lock()
-        self._steps_run = 0
 
     @classmethod
     def from_pretrained_dir(
@@ -133,12 +135,6 @@ class SDXLEngine:
         if (path / "taesd" / "config.json").is_file():
             taesd = AutoencoderTiny.from_pretrained(path / "taesd", torch_dtype=dtype)
         return cls(unet, vae, config, preview_decoder=taesd, device=device, dtype=dtype)
-
-    @property
-    def steps_run(self) -> int:
-        """Denoising steps this engine has completed, over all jobs and threads."""
-        with self._steps_lock:
-            return self._steps_run
 
     def run(self, job: DenoiseJob, emit: StepHook, cancelled: Callable[[], bool]) -> ResultEvent:
         """Generate the job's images; `emit` gets a StepEvent after each step.
@@ -186,7 +182,7 @@ class SDXLEngine:
                 "preview_every and preview_max_side must be at least 1", param="preview_every"
             )
 
-    def _previewer(self, kind: str) -> PreviewDecoder | None:
+    def _previewer(self, kind: PreviewKind) -> PreviewDecoder | None:
         if kind == "none":
             return None
         if kind not in self.previewers:
@@ -274,7 +270,6 @@ class SDXLEngine:
             latents, predicted = self._step(sampling, timestep, latents, conditioning)
             self._synchronize()
             step_ms = (time.perf_counter() - step_started) * 1000
-            self._count_step()
             previews = []
             if previewer is not None and (index % job.preview_every == 0 or index == total):
                 shown = predicted if predicted is not None else latents
@@ -326,10 +321,6 @@ class SDXLEngine:
         # would describe queued work rather than finished work.
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-    def _count_step(self) -> None:
-        with self._steps_lock:
-            self._steps_run += 1
 
     # -- decode ----------------------------------------------------------------------------
 

@@ -2,19 +2,16 @@
 
 The same objects flow through Ray `DeploymentHandle`s and are encoded per HTTP content type by the
 Router (JSON, NDJSON, SSE). Static shape rules live here; limits that come from configuration are
-checked by `shared.validation`.
+checked by `shared.api.validation`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-PreviewKind = Literal["none", "latent", "tiny", "full"]
-ImageFormat = Literal["png", "jpeg", "webp"]
+from shared.api.vocabulary import ImageFormat, PreviewKind, SchedulerName
 
 
 class GenerateRequest(BaseModel):
@@ -34,7 +31,9 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(
         default=None, ge=0, lt=2**63, description="Seed of the first image; image i uses seed+i."
     )
-    scheduler: str | None = Field(default=None, description="Sampler name; model default if unset.")
+    scheduler: SchedulerName | None = Field(
+        default=None, description="Sampler name; the model's default if unset."
+    )
     n: int = Field(default=1, description="Number of images.")
     preview: PreviewKind = Field(default="none", description="Preview decoder for step events.")
     preview_every: int = Field(default=1, ge=1, description="Send a preview every k steps.")
@@ -44,7 +43,7 @@ class GenerateRequest(BaseModel):
 
 class EncodedImage(BaseModel):
     b64: str
-    format: str
+    format: ImageFormat
     width: int
     height: int
 
@@ -94,13 +93,16 @@ class ErrorBody(BaseModel):
     param: str | None = None
 
 
+class ErrorEnvelope(BaseModel):
+    """Every error answer's body (OpenAI's envelope)."""
+
+    error: ErrorBody
+
+
 class ErrorEvent(BaseModel):
     event: Literal["error"] = "error"
     id: str
     error: ErrorBody
-
-
-StreamEvent = Annotated[StepEvent | ResultEvent | ErrorEvent, Field(discriminator="event")]
 
 
 class ModelCard(BaseModel):
@@ -112,34 +114,3 @@ class ModelCard(BaseModel):
     backend: str
     loaded: bool
     state: dict[str, Any] = Field(default_factory=dict)
-
-
-@dataclass
-class PromptEmbeddings:
-    """SDXL conditioning for one prompt pair, as numpy arrays (batch dimension 1)."""
-
-    prompt_embeds: np.ndarray
-    pooled_prompt_embeds: np.ndarray
-    negative_prompt_embeds: np.ndarray
-    negative_pooled_prompt_embeds: np.ndarray
-
-
-@dataclass
-class DenoiseJob:
-    """What the Router hands SDXLPipeline once the request is validated and encoded."""
-
-    id: str
-    model: str
-    embeddings: PromptEmbeddings
-    width: int
-    height: int
-    steps: int
-    guidance_scale: float
-    seeds: list[int]
-    scheduler: str | None = None
-    preview: str = "none"
-    preview_every: int = 1
-    preview_max_side: int = 256
-    output_format: str = "png"
-    created_at: float = 0.0
-    timings: dict[str, float] = field(default_factory=dict)

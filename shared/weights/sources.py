@@ -21,7 +21,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from shared.errors import ModelLoadError
-from shared.tiny import BUILTIN_PRESETS, resolve_builtin
+from shared.weights.builtin import BUILTIN_PRESETS, resolve_builtin
 
 # Names of the weight files the loader reads (its safetensors stems are a subset); Hub downloads
 # fetch only files named so.

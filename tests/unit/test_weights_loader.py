@@ -26,11 +26,11 @@ from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import load_file, save_file
 
 from shared.config import ModelConfig
+from shared.engine.modules import build_module, build_scheduler_config, build_tokenizer, pick_device
 from shared.errors import ModelLoadError
-from shared.modules import build_module, build_scheduler_config, build_tokenizer, pick_device
-from shared.sources import open_source
-from shared.tensor_files import TensorBlob, parse_safetensors
-from shared.weights import SDXL_COMPONENTS, ComponentWeights, load_component, load_model
+from shared.weights.loader import SDXL_COMPONENTS, ComponentWeights, load_component, load_model
+from shared.weights.sources import open_source
+from shared.weights.tensor_files import TensorBlob, parse_safetensors
 
 if TYPE_CHECKING:
     from tests.s3_server import S3Server
@@ -257,7 +257,7 @@ def test_parser_keeps_every_dtype_bit_exact() -> None:
     }
     blobs = parse_safetensors(save(tensors), "mixed.safetensors")
     weights = ComponentWeights("x", "diffusers", "X", {}, blobs)
-    from shared.modules import _tensor_view
+    from shared.engine.modules import _tensor_view
 
     for key, tensor in tensors.items():
         view = _tensor_view(weights.tensors[key])

@@ -7,10 +7,10 @@ the variant's weight files or the full ones, sharded or not) plus optional extra
 as the preview decoder, and refuses pickle weights unless a model opts in. ModelCache `ray.put`s
 each component as is.
 
-Opening sources and reading files with checksums live in `shared.sources`, parsing checkpoint
-files in `shared.tensor_files`, and building torch modules, tokenizers and scheduler configs back
-from the weights (on replicas) in `shared.modules`. torch is imported only to read pickle
-checkpoints, so the cache side stays light.
+Opening sources and reading files with checksums live in `shared.weights.sources`, parsing
+checkpoint files in `shared.weights.tensor_files`, and building torch modules, tokenizers and
+scheduler configs back from the weights (on replicas) in `shared.engine.modules`. torch is
+imported only to read pickle checkpoints, so the cache side stays light.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import fsspec
 
 from shared.config import ModelConfig
 from shared.errors import ModelLoadError
-from shared.sources import (
+from shared.weights.sources import (
     PICKLE_STEMS,
     PICKLE_SUFFIXES,
     SourceReader,
@@ -33,13 +33,16 @@ from shared.sources import (
     open_source,
     source_kind,
 )
-from shared.tensor_files import TensorBlob, parse_pickle, parse_safetensors
+from shared.weights.tensor_files import TensorBlob, parse_pickle, parse_safetensors
 
 logger = logging.getLogger(__name__)
 
 SDXL_COMPONENTS = (
     "unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler",
 )  # fmt: skip
+# What each model-owning deployment fetches from the cache (taesd only when the model has one).
+ENGINE_COMPONENTS = ("unet", "vae", "scheduler", "taesd")
+TEXT_COMPONENTS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")
 
 _SAFETENSORS_STEMS = ("diffusion_pytorch_model", "model")
 # Codes meaning "there is nothing there": an optional extra component with one of these is absent.

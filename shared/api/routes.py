@@ -1,0 +1,393 @@
+"""The public HTTP API as a FastAPI app over a `Backend`: routes, body intake, stream encoding,
+the one exception → error-envelope mapping, and the OpenAPI document.
+
+Nothing here knows about Ray: the Router deployment is one `Backend`, and tests build the same
+app around fake backends with `httpx.ASGITransport`. Every failure on every route, including
+unknown routes, wrong methods and unexpected exceptions, becomes OpenAI's envelope
+`{"error": {"type", "code", "message", "param"}}` with the status of its `ServeError`.
+
+No `from __future__ import annotations` here: Ray pickles the app by value, and FastAPI must
+resolve the route signatures from real objects, not strings.
+"""
+
+import logging
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any, Protocol
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared.api.schemas import (
+    ErrorBody,
+    ErrorEnvelope,
+    ErrorEvent,
+    GenerateRequest,
+    GenerateResponse,
+    ModelCard,
+    ResultEvent,
+    StepEvent,
+)
+from shared.api.validation import parse_body, parse_request
+from shared.api.wire import NDJSON, SSE, encode_event, pick_stream_type
+from shared.config import LimitsConfig
+from shared.errors import (
+    BusyError,
+    InvalidRequestError,
+    MethodNotAllowedError,
+    NotFoundError,
+    PayloadTooLargeError,
+    ServeError,
+    UnsupportedMediaTypeError,
+    find_serve_error,
+)
+
+logger = logging.getLogger("ray.serve")
+Event = StepEvent | ResultEvent | ErrorEvent
+REQUEST_ID_HEADER = "x-request-id"
+BUSY_RETRY_AFTER_S = 1
+JSON_TYPES = ("application/json",)
+
+
+class Backend(Protocol):
+    """What the routes need from whoever serves them (the Router deployment, or a test fake).
+
+    Every method raises only `ServeError`s for failures a client should see; anything else is
+    reported as a 500 with the request id.
+    """
+
+    @property
+    def limits(self) -> LimitsConfig: ...
+
+    async def generate_response(
+        self, request: GenerateRequest, request_id: str
+    ) -> GenerateResponse: ...
+
+    def stream_events(
+        self, request: GenerateRequest, request_id: str
+    ) -> AsyncGenerator[Event, None]: ...
+
+    async def list_models(self) -> list[ModelCard]: ...
+
+    async def readiness(self) -> dict[str, Any]: ...
+
+
+# ---- request ids and the error mapping -------------------------------------------------------
+
+
+def new_request_id() -> str:
+    return f"gen-{uuid.uuid4().hex[:20]}"
+
+
+def _given_request_id(scope: Scope) -> str:
+    for name, value in scope.get("headers", []):
+        if name == REQUEST_ID_HEADER.encode():
+            given = value.decode("latin-1")
+            if given.isprintable() and 0 < len(given) <= 64:
+                return given
+    return new_request_id()
+
+
+def request_id_of(request: Request) -> str:
+    return str(getattr(request.state, "request_id", "") or new_request_id())
+
+
+def to_serve_error(exc: BaseException, request_id: str) -> ServeError:
+    """Our error inside `exc`, or a 500 that names the request id (the details go to the log)."""
+    found = find_serve_error(exc)
+    if found is not None:
+        return found
+    logger.error("request %s failed", request_id, exc_info=exc)
+    return ServeError(f"internal error (request id {request_id})")
+
+
+def error_response(error: ServeError) -> JSONResponse:
+    headers = {}
+    if isinstance(error, BusyError):
+        headers["retry-after"] = str(BUSY_RETRY_AFTER_S)
+    return JSONResponse({"error": error.to_dict()}, status_code=error.status, headers=headers)
+
+
+def error_event(error: ServeError, request_id: str) -> ErrorEvent:
+    return ErrorEvent(id=request_id, error=ErrorBody(**error.to_dict()))
+
+
+def _http_error(request: Request, exc: StarletteHTTPException) -> ServeError:
+    where = f"{request.method} {request.url.path}"
+    if exc.status_code == 404:
+        return NotFoundError(f"{where}: no such route; see /docs for the API")
+    if exc.status_code == 405:
+        allowed = _allow_header(exc) or "none"
+        return MethodNotAllowedError(f"{where}: method not allowed; allowed: {allowed}")
+    error = ServeError(f"{where}: {exc.detail}", code=f"http_{exc.status_code}")
+    error.status = exc.status_code
+    if 400 <= exc.status_code < 500:
+        error.type = "invalid_request_error"
+    return error
+
+
+def _allow_header(exc: StarletteHTTPException) -> str:
+    return next((v for k, v in (exc.headers or {}).items() if k.lower() == "allow"), "")
+
+
+def _validation_error(exc: RequestValidationError) -> InvalidRequestError:
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    param = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
+    return InvalidRequestError(f"{param or 'request'}: {first.get('msg')}", param=param)
+
+
+class RequestIdMiddleware:
+    """Gives every request an id and turns an exception that escaped every handler into a 500
+    envelope, if no response has started yet.
+
+    The id is the host's when it has one (`host_request_id`: Serve's proxy assigns it, honours
+    the client's `x-request-id` and writes it into the response itself); otherwise the client's
+    `x-request-id` if sane, else a new one, and this middleware writes the header.
+
+    A plain ASGI middleware, not Starlette's BaseHTTPMiddleware: that one re-wraps streaming
+    bodies and hides a client's disconnect from the stream, which is what stops the denoiser.
+    """
+
+    def __init__(self, app: ASGIApp, host_request_id: Callable[[], str] | None = None) -> None:
+        self.app = app
+        self.host_request_id = host_request_id
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        hosted = self.host_request_id() if self.host_request_id is not None else ""
+        request_id = hosted or _given_request_id(scope)
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                if not hosted:
+                    headers = [
+                        *message.get("headers", []),
+                        (REQUEST_ID_HEADER.encode(), request_id.encode()),
+                    ]
+                    message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            if started:
+                raise
+            response = error_response(to_serve_error(exc, request_id))
+            await response(scope, receive, send_with_id)
+
+
+def install_error_mapping(app: FastAPI, host_request_id: Callable[[], str] | None = None) -> None:
+    """The app's one exception → envelope mapping."""
+
+    async def serve_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ServeError)
+        return error_response(exc)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        response = error_response(_http_error(request, exc))
+        if exc.status_code == 405 and _allow_header(exc):
+            response.headers["allow"] = _allow_header(exc)
+        return response
+
+    async def validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        return error_response(_validation_error(exc))
+
+    app.add_exception_handler(ServeError, serve_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_middleware(RequestIdMiddleware, host_request_id=host_request_id)
+
+
+# ---- body intake and stream encoding ---------------------------------------------------------
+
+
+async def read_json_body(request: Request, max_bytes: int) -> dict[str, Any]:
+    """The JSON object body, refusing a wrong media type (415) or an oversized body (413)
+    before reading it whole: a declared length is checked first, a streamed one as it arrives."""
+    media_type = request.headers.get("content-type", "application/json").split(";")[0].strip()
+    if media_type.lower() not in JSON_TYPES and not media_type.lower().endswith("+json"):
+        raise UnsupportedMediaTypeError(
+            f"content-type {media_type!r} is not accepted here; send application/json"
+        )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLargeError(
+            f"request body is {int(declared)} bytes; the limit is {max_bytes}"
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLargeError(f"request body exceeds the limit of {max_bytes} bytes")
+        chunks.append(chunk)
+    return parse_body(b"".join(chunks), max_bytes)
+
+
+async def encode_stream(
+    first: Event, rest: AsyncGenerator[Event, None], media_type: str, request_id: str
+) -> AsyncIterator[str]:
+    """Encode events for the wire; a failure mid-stream becomes a final `error` event."""
+    try:
+        yield encode_event(first, media_type)
+        async for event in rest:
+            yield encode_event(event, media_type)
+    except Exception as exc:
+        yield encode_event(error_event(to_serve_error(exc, request_id), request_id), media_type)
+    finally:
+        await rest.aclose()
+
+
+# ---- OpenAPI ---------------------------------------------------------------------------------
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    descriptions = {
+        400: "Malformed body (not JSON, or not an object).",
+        404: "Unknown model or route.",
+        413: "Body larger than `limits.max_body_bytes`.",
+        415: "Body is not application/json.",
+        422: "A field breaks a rule or a configured limit; `param` names it.",
+        429: "Every replica is busy and its queue is full; retry after `Retry-After` seconds.",
+        500: "Unexpected failure; the message carries the request id.",
+        503: "A backend or the model's weights are unavailable.",
+    }
+    return {
+        status: {"description": descriptions[status], "model": ErrorEnvelope} for status in statuses
+    }
+
+
+_STREAM_EVENT = {
+    "oneOf": [_ref(StepEvent), _ref(ResultEvent), _ref(ErrorEvent)],
+    "discriminator": {"propertyName": "event"},
+}
+_GENERATE_OPENAPI: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": _ref(GenerateRequest)}},
+    }
+}
+_GENERATE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The images (JSON), or with `stream: true` one event per step then the "
+        "result: NDJSON by default, Server-Sent Events with `accept: text/event-stream`.",
+        "content": {
+            "application/json": {"schema": _ref(GenerateResponse)},
+            NDJSON: {"schema": _STREAM_EVENT},
+            SSE: {"schema": {"type": "string", "description": "`event:` and `data:` lines."}},
+        },
+    },
+    **_errors(400, 404, 413, 415, 422, 429, 500, 503),
+}
+_DOCUMENTED = (GenerateRequest, GenerateResponse, StepEvent, ResultEvent, ErrorEvent, ErrorEnvelope)
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelCard]
+
+
+def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """FastAPI's document plus the schemas that hand-parsed bodies and streams refer to."""
+
+    def build() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in _DOCUMENTED:
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                components[model.__name__] = body
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    return build
+
+
+# ---- the app ---------------------------------------------------------------------------------
+
+
+def build_api(
+    get_backend: Callable[[], Backend], host_request_id: Callable[[], str] | None = None
+) -> FastAPI:
+    """The HTTP API; `get_backend` is a FastAPI dependency that returns the serving backend,
+    `host_request_id` the request id of the server hosting the app, if it assigns one."""
+    app = FastAPI(
+        title="diffusion-serve",
+        version="0.1.0",
+        description="Image generation with every denoising step streamed back.",
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    install_error_mapping(app, host_request_id)
+    backend_dependency = Depends(get_backend)
+
+    @app.post(
+        "/v1/generate",
+        summary="Generate images",
+        openapi_extra=_GENERATE_OPENAPI,
+        responses=_GENERATE_RESPONSES,
+        response_class=JSONResponse,
+    )
+    async def generate(request: Request, backend: Backend = backend_dependency) -> Response:
+        # The body is parsed by hand (and declared in the OpenAPI document above) so that every
+        # mistake gets our message, code and `param` rather than FastAPI's generic 422.
+        request_id = request_id_of(request)
+        body = await read_json_body(request, backend.limits.max_body_bytes)
+        generate_request = parse_request(body)
+        if not generate_request.stream:
+            response = await backend.generate_response(generate_request, request_id)
+            return JSONResponse(response.model_dump())
+        media_type = pick_stream_type(request.headers.get("accept"))
+        events = backend.stream_events(generate_request, request_id)
+        try:
+            # Errors before the first event (validation, encoding, back-pressure) still get a
+            # real status code; after it, they can only be an `error` event in the stream.
+            first = await anext(events)
+        except BaseException:
+            await events.aclose()
+            raise
+        return StreamingResponse(
+            encode_stream(first, events, media_type, request_id),
+            media_type=media_type,
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+        )
+
+    @app.get("/v1/models", summary="List models", responses=_errors(500, 503))
+    async def models(backend: Backend = backend_dependency) -> ModelList:
+        return ModelList(data=await backend.list_models())
+
+    @app.get("/healthz", summary="Liveness")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get(
+        "/readyz",
+        summary="Readiness: 200 when every backend answers and a model can be served",
+        responses={503: {"description": "Not ready; the body says which backend or models."}},
+    )
+    async def readyz(backend: Backend = backend_dependency) -> JSONResponse:
+        report = await backend.readiness()
+        return JSONResponse(report, status_code=200 if report["ready"] else 503)
+
+    app.openapi = _openapi(app)  # type: ignore[method-assign]
+    return app

@@ -1,0 +1,34 @@
+"""The vocabularies of the contract, each defined once: preview kinds, image formats and sampler
+names. Schemas type their fields with these literals; everything else imports them from here.
+
+Sampler names map to diffusers scheduler class names and options as plain strings, so the Router
+can validate `scheduler` without importing diffusers; the engine builds the scheduler with
+`from_config` of the checkpoint's own config.
+"""
+
+from typing import Any, Literal, get_args
+
+PreviewKind = Literal["none", "latent", "tiny", "full"]
+ImageFormat = Literal["png", "jpeg", "webp"]
+SchedulerName = Literal[
+    "euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde_karras", "unipc"
+]
+
+PREVIEW_KINDS: tuple[PreviewKind, ...] = get_args(PreviewKind)
+IMAGE_FORMATS: tuple[ImageFormat, ...] = get_args(ImageFormat)
+SCHEDULER_NAMES: tuple[SchedulerName, ...] = get_args(SchedulerName)
+
+SAMPLERS: dict[SchedulerName, tuple[str, dict[str, Any]]] = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "dpmpp_2m_sde_karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+    ),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+if set(SAMPLERS) != set(SCHEDULER_NAMES):  # pragma: no cover - a mistake in this file
+    raise RuntimeError("SAMPLERS must map exactly the SchedulerName literals")

@@ -1,0 +1,19 @@
+"""Application arguments (`args:` in serve_config.yaml), validated once at deploy time.
+
+`AppConfig` is what `build_app` takes; models and limits, deployment options and the app's own
+sections live in the submodules and are re-exported here.
+"""
+
+from shared.config.app import AppConfig, CacheConfig, EncoderConfig
+from shared.config.deployment import AutoscalingConfig, DeploymentOptions
+from shared.config.models import LimitsConfig, ModelConfig
+
+__all__ = [
+    "AppConfig",
+    "AutoscalingConfig",
+    "CacheConfig",
+    "DeploymentOptions",
+    "EncoderConfig",
+    "LimitsConfig",
+    "ModelConfig",
+]

@@ -1,0 +1,86 @@
+"""Application arguments (`args:` in serve_config.yaml), validated once at deploy time.
+
+Every model forbids unknown keys, so a typo fails `serve run` with the field's name. Every field
+has a description and bounds; limits here are what the Router enforces at the edge.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from shared.config.base import StrictConfig
+from shared.config.deployment import DeploymentOptions
+from shared.config.models import LimitsConfig, ModelConfig
+from shared.providers import ProviderConfig
+
+
+class EncoderConfig(StrictConfig):
+    batch_max_size: int = Field(8, ge=1, le=256, description="Most prompts per encoder batch.")
+    batch_wait_timeout_s: float = Field(
+        0.005, ge=0, le=1, description="How long a batch waits to fill."
+    )
+    cache_entries: int = Field(1024, ge=0, le=1_000_000, description="Embedding LRU size.")
+
+
+class CacheConfig(StrictConfig):
+    capacity_bytes: int = Field(
+        64 * 1024**3, ge=1, description="Object-store bytes held before LRU eviction."
+    )
+    retry_failed_after_s: float = Field(
+        30.0,
+        ge=0,
+        le=86_400,
+        description="A failed load is retried by the first request after this long; requests "
+        "before then get the recorded error without touching the source.",
+    )
+
+
+def _options(**kwargs: Any) -> Any:
+    return Field(default_factory=lambda: DeploymentOptions(**kwargs))
+
+
+class AppConfig(StrictConfig):
+    """Everything `build_app` takes."""
+
+    models: list[ModelConfig] = Field(min_length=1, description="Locally served models.")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request limits.")
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig, description="ClipEncoder.")
+    cache: CacheConfig = Field(default_factory=CacheConfig, description="ModelCache.")
+    router_deployment: DeploymentOptions = _options(num_cpus=0.1, max_ongoing_requests=64)
+    encoder_deployment: DeploymentOptions = _options(num_cpus=0.1, max_ongoing_requests=32)
+    pipeline_deployment: DeploymentOptions = _options(num_cpus=0.5, max_ongoing_requests=2)
+    cache_deployment: DeploymentOptions = _options(num_cpus=0.1, max_ongoing_requests=64)
+    providers: list[ProviderConfig] = Field(
+        default_factory=list, description="Remote image APIs, served as `provider/model` ids."
+    )
+    provider_deployment: DeploymentOptions = _options(num_cpus=0.05, max_ongoing_requests=64)
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> AppConfig:
+        ids = [m.id for m in self.models]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"model ids must be unique; repeated: {', '.join(duplicates)}")
+        names = [p.name for p in self.providers]
+        if len(set(names)) != len(names):
+            raise ValueError("provider names must be unique")
+        for model in self.models:
+            if model.fallback and self.provider_model(model.fallback) is None:
+                raise ValueError(
+                    f"model {model.id!r}: fallback {model.fallback!r} is not a configured "
+                    "`provider/model`"
+                )
+        return self
+
+    def provider_model(self, model_id: str) -> tuple[ProviderConfig, str] | None:
+        """(provider, provider's model name) for a `provider/model` id, else None."""
+        name, _, model = model_id.partition("/")
+        provider = next((p for p in self.providers if p.name == name), None)
+        if provider is None or model not in provider.models:
+            return None
+        return provider, model
+
+    def model(self, model_id: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.id == model_id), None)

@@ -1,0 +1,84 @@
+"""Per-model configuration (`models:` entries) and the request limits the Router enforces."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from shared.api.vocabulary import SchedulerName
+from shared.config.base import StrictConfig
+
+
+class LimitsConfig(StrictConfig):
+    """Request limits enforced by the Router before any work is queued."""
+
+    min_side: int = Field(64, ge=8, le=8192, description="Smallest width/height in pixels.")
+    max_side: int = Field(2048, ge=8, le=8192, description="Largest width/height in pixels.")
+    max_pixels: int = Field(
+        1024 * 1024 * 2, ge=64, le=8192 * 8192, description="Largest width*height per image."
+    )
+    max_steps: int = Field(100, ge=1, le=1000, description="Most denoising steps per request.")
+    max_n: int = Field(4, ge=1, le=64, description="Most images per request.")
+    max_guidance_scale: float = Field(30.0, ge=0, le=100, description="Largest guidance scale.")
+    max_prompt_chars: int = Field(2000, ge=1, le=100_000, description="Longest prompt (chars).")
+    max_body_bytes: int = Field(
+        1_000_000, ge=1024, le=100_000_000, description="Largest HTTP request body in bytes."
+    )
+    preview_max_side: int = Field(256, ge=16, le=2048, description="Longest side of a preview.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LimitsConfig:
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side ({self.min_side}) exceeds max_side ({self.max_side})")
+        return self
+
+
+class ModelConfig(StrictConfig):
+    """One locally served SDXL model."""
+
+    id: str = Field(min_length=1, max_length=200, description="Name clients put in `model`.")
+    source: str = Field(
+        min_length=1,
+        description="`tiny`/`small` (built in), a local folder, `s3://bucket/prefix`, or an HF id.",
+    )
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="Compute dtype of UNet and text encoders (the VAE decodes in fp32)."
+    )
+    variant: str | None = Field(None, description="Weight file variant, e.g. `fp16`.")
+    default_width: int | None = Field(
+        None,
+        ge=8,
+        le=8192,
+        description="Width when a request omits it; the checkpoint's own if unset (the UNet's "
+        "sample_size times the VAE's scale factor: 1024 for SDXL).",
+    )
+    default_height: int | None = Field(
+        None, ge=8, le=8192, description="Height when a request omits it; as default_width."
+    )
+    default_steps: int = Field(
+        30, ge=1, le=1000, description="Steps when a request omits them (30 suits SDXL)."
+    )
+    default_scheduler: SchedulerName | None = Field(
+        None, description="Sampler when a request omits it; the checkpoint's own if unset."
+    )
+    preview_decoder: str | None = Field(
+        "taesd",
+        description="AutoencoderTiny for `tiny` previews: a subfolder of the source or another "
+        "source (e.g. madebyollin/taesdxl); unset disables them.",
+    )
+    preload: bool = Field(True, description="Load weights into the object store at startup.")
+    allow_pickle: bool = Field(
+        False, description="Allow .bin/.pt checkpoints (loaded with weights_only=True)."
+    )
+    sha256: dict[str, str] = Field(
+        default_factory=dict, description="Expected sha256 per file path relative to the source."
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec/s3fs options (endpoint_url, anon, client_kwargs.region_name, ...); "
+        "credentials come from the environment.",
+    )
+    fallback: str | None = Field(
+        None, description="Provider model (`provider/model`) to spill over to when busy."
+    )

@@ -1,0 +1,49 @@
+"""Engines built from object-store components: zero-copy views on CPU, one copy on a GPU.
+
+The deployments that own a model call these from their worker threads, so torch and diffusers
+are imported only in those replicas.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from shared.engine.modules import build_module, build_scheduler_config, build_tokenizer
+from shared.engine.prompts import PromptEncoder
+from shared.engine.sdxl import SDXLEngine
+from shared.weights.loader import ComponentWeights
+
+
+def build_engine(
+    components: dict[str, ComponentWeights], dtype_name: str, device: str
+) -> SDXLEngine:
+    """UNet in the model's dtype; the VAE (and TAESD) decode in float32."""
+    dtype = getattr(torch, dtype_name)
+    taesd = components.get("taesd")
+    return SDXLEngine(
+        unet=build_module(components["unet"], device=device, dtype=dtype),
+        vae=build_module(components["vae"], device=device, dtype=torch.float32),
+        scheduler_config=build_scheduler_config(components["scheduler"]),
+        preview_decoder=build_module(taesd, device=device, dtype=torch.float32) if taesd else None,
+        device=device,
+        dtype=dtype,
+    )
+
+
+def build_prompt_encoder(
+    components: dict[str, ComponentWeights], dtype_name: str = "float32", device: str = "cpu"
+) -> PromptEncoder:
+    """Both text encoders and tokenizers.
+
+    On a GPU the encoders are copied once to the device in the model's compute dtype. On the CPU
+    they compute in float32: fp32 weights stay zero-copy views, fp16/bf16 ones are upcast (a
+    private copy, but half-precision matmuls on a CPU are several times slower).
+    """
+    dtype = torch.float32 if device == "cpu" else getattr(torch, dtype_name)
+    return PromptEncoder(
+        tokenizer=build_tokenizer(components["tokenizer"]),
+        tokenizer_2=build_tokenizer(components["tokenizer_2"]),
+        text_encoder=build_module(components["text_encoder"], device=device, dtype=dtype),
+        text_encoder_2=build_module(components["text_encoder_2"], device=device, dtype=dtype),
+        device=device,
+    )

@@ -1,0 +1,270 @@
+"""The HTTP API without Ray: `build_api` around fake backends, driven through httpx's ASGI
+transport. Every route, every failure: the error envelope, its status, `type` and `code`; the
+stream's final `error` event; and the OpenAPI document."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from shared.api.routes import Event, build_api
+from shared.api.schemas import (
+    GenerateRequest,
+    GenerateResponse,
+    ModelCard,
+    ResultEvent,
+    StepEvent,
+    Timings,
+)
+from shared.config import LimitsConfig
+from shared.errors import (
+    BusyError,
+    InvalidRequestError,
+    ModelLoadError,
+    NotFoundError,
+    ServeError,
+    UnavailableError,
+)
+
+pytestmark = pytest.mark.anyio
+BODY = {"model": "tiny", "prompt": "a cat"}
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class FakeBackend:
+    """A backend that answers, or raises `failure` from every method (before any event, or
+    after the first step when `mid_stream`)."""
+
+    def __init__(self, failure: BaseException | None = None, mid_stream: bool = False) -> None:
+        self.failure = failure
+        self.mid_stream = mid_stream
+        self.limits = LimitsConfig(max_body_bytes=4096)
+        self.seen: list[tuple[str, str]] = []  # (method, request id)
+        self.closed_streams = 0
+
+    def _maybe_fail(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+    async def generate_response(
+        self, request: GenerateRequest, request_id: str
+    ) -> GenerateResponse:
+        self.seen.append(("generate", request_id))
+        self._maybe_fail()
+        return _result(request_id).to_response()
+
+    async def stream_events(
+        self, request: GenerateRequest, request_id: str
+    ) -> AsyncGenerator[Event, None]:
+        self.seen.append(("stream", request_id))
+        try:
+            if not self.mid_stream:
+                self._maybe_fail()
+            yield StepEvent(id=request_id, index=1, total=2, elapsed_ms=1.0, step_ms=1.0)
+            self._maybe_fail()
+            yield StepEvent(id=request_id, index=2, total=2, elapsed_ms=2.0, step_ms=1.0)
+            yield _result(request_id)
+        finally:
+            self.closed_streams += 1
+
+    async def list_models(self) -> list[ModelCard]:
+        self._maybe_fail()
+        return [ModelCard(id="tiny", backend="local", loaded=True)]
+
+    async def readiness(self) -> dict[str, Any]:
+        self._maybe_fail()
+        return {"ready": True, "backends": {}}
+
+
+def _result(request_id: str) -> ResultEvent:
+    return ResultEvent(id=request_id, model="tiny", backend="local", images=[], timings=Timings())
+
+
+async def client_for(backend: FakeBackend) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=build_api(lambda: backend))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        yield client
+
+
+@pytest.fixture
+async def ok() -> AsyncIterator[tuple[FakeBackend, httpx.AsyncClient]]:
+    backend = FakeBackend()
+    async for client in client_for(backend):
+        yield backend, client
+
+
+def assert_envelope(response: httpx.Response, status: int, type_: str, code: str) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert set(error) == {"type", "code", "message", "param"}
+    assert (error["type"], error["code"]) == (type_, code), error
+    assert error["message"] and "Traceback" not in error["message"]
+    return error
+
+
+ROUTES = {
+    "generate": ("POST", "/v1/generate", BODY),
+    "generate-stream": ("POST", "/v1/generate", {**BODY, "stream": True}),
+    "models": ("GET", "/v1/models", None),
+    "readyz": ("GET", "/readyz", None),
+}
+FAILURES = {
+    "invalid": (InvalidRequestError("steps too big", param="steps"), 422, "invalid_request_error"),
+    "busy": (BusyError("every replica is busy"), 429, "rate_limit_error"),
+    "unavailable": (UnavailableError("cache down"), 503, "server_error"),
+    "model-load": (ModelLoadError("bad checksum", code="checksum_mismatch"), 503, "model_error"),
+    "not-found": (NotFoundError("no such model", code="model_not_found"), 404, "not_found_error"),
+    "unexpected": (RuntimeError("secret internal detail"), 500, "server_error"),
+}
+
+
+@pytest.mark.parametrize("route", ROUTES.values(), ids=ROUTES.keys())
+@pytest.mark.parametrize("failure", FAILURES.values(), ids=FAILURES.keys())
+async def test_every_route_maps_every_failure_onto_the_envelope(
+    route: tuple[str, str, dict | None], failure: tuple[BaseException, int, str]
+) -> None:
+    method, path, body = route
+    exc, status, type_ = failure
+    backend = FakeBackend(failure=exc)
+    async for client in client_for(backend):
+        response = await client.request(method, path, json=body, headers={"x-request-id": "r-42"})
+    code = exc.code if isinstance(exc, ServeError) else "internal_error"
+    error = assert_envelope(response, status, type_, code)
+    assert response.headers["x-request-id"] == "r-42"
+    if status == 500:  # no internals leak; the id lets an operator find the logged traceback
+        assert error["message"] == "internal error (request id r-42)"
+    if status == 429:
+        assert int(response.headers["retry-after"]) >= 1
+    if path == "/v1/generate":
+        assert backend.seen and all(rid == "r-42" for _, rid in backend.seen)
+
+
+async def test_a_failure_mid_stream_is_the_last_event() -> None:
+    for exc, code in ((UnavailableError("replica died"), "unavailable"), (KeyError("x"), None)):
+        backend = FakeBackend(failure=exc, mid_stream=True)
+        async for client in client_for(backend):
+            response = await client.post("/v1/generate", json={**BODY, "stream": True})
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("application/x-ndjson")
+        events = [json.loads(line) for line in response.text.splitlines()]
+        assert [event["event"] for event in events] == ["step", "error"]
+        assert events[-1]["error"]["code"] == (code or "internal_error")
+        assert backend.closed_streams == 1
+
+
+async def test_sse_is_chosen_by_the_accept_header(ok: Any) -> None:
+    backend, client = ok
+    response = await client.post(
+        "/v1/generate", json={**BODY, "stream": True}, headers={"accept": "text/event-stream"}
+    )
+    assert response.headers["content-type"].startswith("text/event-stream")
+    blocks = [block for block in response.text.split("\n\n") if block]
+    assert [block.splitlines()[0] for block in blocks] == [
+        "event: step",
+        "event: step",
+        "event: result",
+    ]
+    assert json.loads(blocks[-1].splitlines()[1].removeprefix("data: "))["event"] == "result"
+    assert backend.closed_streams == 1
+
+
+async def test_unknown_routes_and_methods_have_their_own_codes(ok: Any) -> None:
+    _, client = ok
+    assert_envelope(await client.get("/v1/nothing"), 404, "not_found_error", "not_found")
+    wrong = await client.get("/v1/generate")
+    error = assert_envelope(wrong, 405, "invalid_request_error", "method_not_allowed")
+    assert "POST" in wrong.headers["allow"] and "POST" in error["message"]
+    wrong_models = await client.post("/v1/models", json={})
+    assert_envelope(wrong_models, 405, "invalid_request_error", "method_not_allowed")
+
+
+async def test_bodies_are_refused_before_the_backend_sees_them(ok: Any) -> None:
+    backend, client = ok
+    big = json.dumps({**BODY, "prompt": "x" * 5000})
+    declared = await client.post(
+        "/v1/generate", content=big, headers={"content-type": "application/json"}
+    )
+    assert_envelope(declared, 413, "invalid_request_error", "body_too_large")
+
+    async def chunks() -> AsyncIterator[bytes]:  # no content-length: counted as it arrives
+        for _ in range(10):
+            yield b" " * 1000
+
+    streamed = await client.post(
+        "/v1/generate", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert_envelope(streamed, 413, "invalid_request_error", "body_too_large")
+    text = await client.post("/v1/generate", content="{}", headers={"content-type": "text/plain"})
+    error = assert_envelope(text, 415, "invalid_request_error", "unsupported_media_type")
+    assert "application/json" in error["message"]
+    malformed = await client.post(
+        "/v1/generate", content=b"{nope", headers={"content-type": "application/json"}
+    )
+    assert_envelope(malformed, 400, "invalid_request_error", "malformed_json")
+    unknown = await client.post("/v1/generate", json={**BODY, "colour": "red"})
+    assert assert_envelope(unknown, 422, "invalid_request_error", "unknown_field")["param"] == (
+        "colour"
+    )
+    scheduler = await client.post("/v1/generate", json={**BODY, "scheduler": "warp"})
+    error = assert_envelope(scheduler, 422, "invalid_request_error", "unknown_scheduler")
+    assert "'euler'" in error["message"] and "'warp'" in error["message"]
+    assert backend.seen == []
+
+
+async def test_successful_routes(ok: Any) -> None:
+    backend, client = ok
+    generated = await client.post("/v1/generate", json=BODY)
+    assert generated.status_code == 200 and generated.json()["backend"] == "local"
+    assert generated.headers["x-request-id"].startswith("gen-")
+    models = (await client.get("/v1/models")).json()
+    assert models["object"] == "list" and models["data"][0]["id"] == "tiny"
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    assert (await client.get("/readyz")).status_code == 200
+    backend.readiness = _not_ready  # type: ignore[method-assign]
+    assert (await client.get("/readyz")).status_code == 503
+
+
+async def _not_ready() -> dict[str, Any]:
+    return {"ready": False, "backends": {"ModelCache": "unavailable"}}
+
+
+async def test_openapi_documents_the_real_contract(ok: Any) -> None:
+    _, client = ok
+    document = (await client.get("/openapi.json")).json()
+    schemas = document["components"]["schemas"]
+    generate = document["paths"]["/v1/generate"]["post"]
+    body = generate["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/GenerateRequest"}
+    assert set(GenerateRequest.model_fields) <= set(schemas["GenerateRequest"]["properties"])
+    assert "prompt" in schemas["GenerateRequest"]["required"]
+    success = generate["responses"]["200"]["content"]
+    assert set(success) == {"application/json", "application/x-ndjson", "text/event-stream"}
+    for status in ("400", "413", "415", "422", "429", "500", "503"):
+        error_schema = generate["responses"][status]["content"]["application/json"]["schema"]
+        assert error_schema == {"$ref": "#/components/schemas/ErrorEnvelope"}
+    for schema in ("StepEvent", "ResultEvent", "ErrorEvent", "ErrorEnvelope", "GenerateResponse"):
+        assert schema in schemas
+    refs = set(_refs(document))
+    assert refs <= {f"#/components/schemas/{name}" for name in schemas}, refs
+    assert (await client.get("/docs")).status_code == 200
+
+
+def _refs(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "$ref":
+                yield value
+            else:
+                yield from _refs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _refs(value)
