@@ -1,8 +1,10 @@
 """SDXLPipeline: UNet + VAE on one GPU (or the CPU), multiplexed by model id, streaming steps.
 
-The denoising loop runs in a worker thread; each step's event crosses back to the replica's event
-loop with `call_soon_threadsafe`. When the caller goes away Serve cancels the generator at its
-`await`, the `finally` sets the job's flag, and the loop stops before its next step.
+Every request of the replica goes to its one `StepBatcher`, whose loop runs in its own thread and
+serves all compatible requests with one UNet call per step; each request's events cross back to
+the replica's event loop with `call_soon_threadsafe`. When a caller goes away Serve cancels its
+generator at an `await`, the `finally` sets the request's flag, and the batcher drops it before
+the next step while the others go on.
 """
 
 from __future__ import annotations
@@ -11,10 +13,8 @@ import asyncio
 import logging
 import os
 import threading
-import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -24,7 +24,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.model_cache import fetch_components
 from shared.api.jobs import DenoiseJob
-from shared.api.schemas import ResultEvent, StepEvent
+from shared.api.schemas import QueuedEvent, ResultEvent, StepEvent
 from shared.config import AppConfig
 from shared.errors import GenerationError, RequestCancelledError
 from shared.weights.loader import ENGINE_COMPONENTS
@@ -35,7 +35,42 @@ if TYPE_CHECKING:
 logger = logging.getLogger("ray.serve")
 RECENT_JOBS = 256
 RELEASE_TIMEOUT_S = 2.0
-_DONE = object()
+PipelineEvent = QueuedEvent | StepEvent | ResultEvent
+
+
+class _EventSink:
+    """One request's `Sink`: the batcher's thread hands its events to the replica's event loop,
+    and keeps the request's stats (steps run, largest batch) current for `job_stats`."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        record: dict[str, Any],
+        on_step: Callable[[StepEvent], None],
+    ) -> None:
+        self.events: asyncio.Queue[Any] = asyncio.Queue()
+        self.flag = threading.Event()
+        self._loop = loop
+        self._record = record
+        self._on_step = on_step
+
+    def queued(self, event: QueuedEvent) -> None:
+        self._put(event)
+
+    def step(self, event: StepEvent, batch_requests: int) -> None:
+        self._record["steps"] += 1
+        self._record["max_batch_requests"] = max(self._record["max_batch_requests"], batch_requests)
+        self._on_step(event)
+        self._put(event)
+
+    def finish(self, outcome: ResultEvent | BaseException) -> None:
+        self._put(outcome)  # the last item: a result, or the error to raise
+
+    def cancelled(self) -> bool:
+        return self.flag.is_set()
+
+    def _put(self, item: Any) -> None:
+        self._loop.call_soon_threadsafe(self.events.put_nowait, item)
 
 
 def _replica_id() -> str:
@@ -58,6 +93,7 @@ def _node_id() -> str | None:
 class SDXLPipeline:
     def __init__(self, config: AppConfig, cache: DeploymentHandle) -> None:
         # torch and diffusers are imported here, in the replica, never where the app is built.
+        from shared.engine.batcher import StepBatcher
         from shared.engine.build import build_engine
         from shared.engine.modules import pick_device
 
@@ -65,8 +101,13 @@ class SDXLPipeline:
         self._cache = cache
         self._build = build_engine
         self._device = pick_device(len(ray.get_gpu_ids()))
-        # One GPU job at a time per replica: concurrent jobs would only fight for the same SMs.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="denoise")
+        batching = config.batching
+        self._batcher = StepBatcher(
+            max_batch_images=batching.max_batch_images,
+            max_wait_ms=batching.max_wait_ms,
+            enabled=batching.enabled,
+            on_batch=self._observe_batch,
+        )
         self._jobs: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._built: set[str] = set()  # models whose engine this replica has built
         self._steps = metrics.Counter("sdxl_steps", description="Denoising steps executed.")
@@ -77,6 +118,19 @@ class SDXLPipeline:
             "sdxl_step_seconds",
             description="Seconds per denoising step.",
             boundaries=[0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2],
+        )
+        self._batch_requests = metrics.Histogram(
+            "sdxl_batch_requests",
+            description="Requests sharing one UNet call.",
+            boundaries=[1, 2, 4, 8, 16, 32],
+        )
+        self._batch_images = metrics.Histogram(
+            "sdxl_batch_images",
+            description="Images in one UNet call.",
+            boundaries=[1, 2, 4, 8, 16, 32, 64],
+        )
+        self._queue_depth = metrics.Gauge(
+            "sdxl_queue_depth", description="Requests waiting for room in the step batcher."
         )
 
     @serve.multiplexed(max_num_models_per_replica=2)
@@ -106,36 +160,22 @@ class SDXLPipeline:
         engine.__del__ = unloaded  # type: ignore[attr-defined]
         return engine
 
-    async def stream(self, job: DenoiseJob) -> AsyncIterator[StepEvent | ResultEvent]:
-        """Run one job, yielding a StepEvent per step and finally the ResultEvent."""
+    async def stream(self, job: DenoiseJob) -> AsyncIterator[PipelineEvent]:
+        """Run one job: a QueuedEvent, a StepEvent per step, finally the ResultEvent."""
         engine = await self.get_engine(job.model)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        cancelled = threading.Event()
         record = self._track(job.id)
-
-        def emit(event: StepEvent) -> None:
-            record["steps"] += 1
-            self._steps.inc()
-            self._step_seconds.observe(event.step_ms / 1000)
-            loop.call_soon_threadsafe(queue.put_nowait, event)
-
-        def run() -> None:
-            job.timings["queue_ms"] = (time.time() - job.created_at) * 1000
-            try:
-                outcome: Any = engine.run(job, emit, cancelled.is_set)
-            except BaseException as exc:  # handed to the event loop and re-raised there
-                outcome = exc
-            loop.call_soon_threadsafe(queue.put_nowait, outcome)
-            loop.call_soon_threadsafe(queue.put_nowait, _DONE)
-
-        loop.run_in_executor(self._executor, run)
+        sink = _EventSink(asyncio.get_running_loop(), record, self._observe_step)
+        self._batcher.submit(engine, job, sink)  # bad input raises here, before any event
+        self._queue_depth.set(self._batcher.depth()[0])
         status = "cancelled"  # unless the loop below finishes or fails on its own
         try:
-            while (item := await queue.get()) is not _DONE:
+            while True:
+                item = await sink.events.get()
                 if isinstance(item, BaseException):
                     raise item
                 yield item
+                if isinstance(item, ResultEvent):
+                    break
             status = "done"
         except RequestCancelledError:
             raise
@@ -143,7 +183,7 @@ class SDXLPipeline:
             status = "failed"
             raise
         finally:
-            cancelled.set()
+            sink.flag.set()
             record["status"] = status
             self._outcomes.inc(tags={"outcome": status})
 
@@ -165,8 +205,22 @@ class SDXLPipeline:
     async def ping(self) -> str:
         return "ok"
 
+    def _observe_step(self, event: StepEvent) -> None:
+        self._steps.inc()
+        self._step_seconds.observe(event.step_ms / 1000)
+
+    def _observe_batch(self, requests: int, images: int) -> None:
+        self._batch_requests.observe(requests)
+        self._batch_images.observe(images)
+        self._queue_depth.set(self._batcher.depth()[0])
+
     def _track(self, job_id: str) -> dict[str, Any]:
-        record = {"steps": 0, "status": "running", "replica": _replica_id()}
+        record = {
+            "steps": 0,
+            "status": "running",
+            "replica": _replica_id(),
+            "max_batch_requests": 0,
+        }
         self._jobs[job_id] = record
         while len(self._jobs) > RECENT_JOBS:
             self._jobs.popitem(last=False)

@@ -30,6 +30,7 @@ from shared.api.schemas import (
     GenerateRequest,
     GenerateResponse,
     ModelCard,
+    QueuedEvent,
     ResultEvent,
     StepEvent,
 )
@@ -48,7 +49,7 @@ from shared.errors import (
 )
 
 logger = logging.getLogger("ray.serve")
-Event = StepEvent | ResultEvent | ErrorEvent
+Event = QueuedEvent | StepEvent | ResultEvent | ErrorEvent
 REQUEST_ID_HEADER = "x-request-id"
 BUSY_RETRY_AFTER_S = 1
 JSON_TYPES = ("application/json",)
@@ -275,7 +276,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 _STREAM_EVENT = {
-    "oneOf": [_ref(StepEvent), _ref(ResultEvent), _ref(ErrorEvent)],
+    "oneOf": [_ref(QueuedEvent), _ref(StepEvent), _ref(ResultEvent), _ref(ErrorEvent)],
     "discriminator": {"propertyName": "event"},
 }
 _GENERATE_OPENAPI: dict[str, Any] = {
@@ -286,8 +287,9 @@ _GENERATE_OPENAPI: dict[str, Any] = {
 }
 _GENERATE_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
-        "description": "The images (JSON), or with `stream: true` one event per step then the "
-        "result: NDJSON by default, Server-Sent Events with `accept: text/event-stream`.",
+        "description": "The images (JSON), or with `stream: true` a `queued` event, one event "
+        "per step, then the result: NDJSON by default, Server-Sent Events with "
+        "`accept: text/event-stream`.",
         "content": {
             "application/json": {"schema": _ref(GenerateResponse)},
             NDJSON: {"schema": _STREAM_EVENT},
@@ -296,7 +298,15 @@ _GENERATE_RESPONSES: dict[int | str, dict[str, Any]] = {
     },
     **_errors(400, 404, 413, 415, 422, 429, 500, 503),
 }
-_DOCUMENTED = (GenerateRequest, GenerateResponse, StepEvent, ResultEvent, ErrorEvent, ErrorEnvelope)
+_DOCUMENTED = (
+    GenerateRequest,
+    GenerateResponse,
+    QueuedEvent,
+    StepEvent,
+    ResultEvent,
+    ErrorEvent,
+    ErrorEnvelope,
+)
 
 
 class ModelList(BaseModel):

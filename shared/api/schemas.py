@@ -69,6 +69,21 @@ class GenerateResponse(BaseModel):
     spilled_over: bool = False
 
 
+class QueuedEvent(BaseModel):
+    """The first event of a local request: where it stands in its replica's step batcher."""
+
+    event: Literal["queued"] = "queued"
+    id: str
+    position: int = Field(
+        description="Requests queued ahead of this one that have not started; how long they "
+        "and the running ones keep it waiting is `eta_ms`."
+    )
+    eta_ms: float | None = Field(
+        description="Estimated milliseconds to this request's first step, from step times "
+        "measured on the replica (null before any step was measured)."
+    )
+
+
 class StepEvent(BaseModel):
     event: Literal["step"] = "step"
     id: str

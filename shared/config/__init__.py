@@ -4,13 +4,14 @@
 sections live in the submodules and are re-exported here.
 """
 
-from shared.config.app import AppConfig, CacheConfig, EncoderConfig
+from shared.config.app import AppConfig, BatchingConfig, CacheConfig, EncoderConfig
 from shared.config.deployment import AutoscalingConfig, DeploymentOptions
 from shared.config.models import LimitsConfig, ModelConfig
 
 __all__ = [
     "AppConfig",
     "AutoscalingConfig",
+    "BatchingConfig",
     "CacheConfig",
     "DeploymentOptions",
     "EncoderConfig",

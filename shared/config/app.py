@@ -24,6 +24,26 @@ class EncoderConfig(StrictConfig):
     cache_entries: int = Field(1024, ge=0, le=1_000_000, description="Embedding LRU size.")
 
 
+class BatchingConfig(StrictConfig):
+    """SDXLPipeline's step batcher: one UNet call per step for every compatible request."""
+
+    enabled: bool = Field(
+        True,
+        description="Batch denoising steps across the requests on a replica; off runs one "
+        "request at a time.",
+    )
+    max_batch_images: int = Field(
+        8, ge=1, le=512, description="Most images in one UNet call (CFG doubles its rows)."
+    )
+    max_wait_ms: float = Field(
+        0.0,
+        ge=0,
+        le=10_000,
+        description="How long an idle replica waits for more requests before its first step; "
+        "0: requests join at the next step boundary.",
+    )
+
+
 class CacheConfig(StrictConfig):
     capacity_bytes: int = Field(
         64 * 1024**3, ge=1, description="Object-store bytes held before LRU eviction."
@@ -48,9 +68,13 @@ class AppConfig(StrictConfig):
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request limits.")
     encoder: EncoderConfig = Field(default_factory=EncoderConfig, description="ClipEncoder.")
     cache: CacheConfig = Field(default_factory=CacheConfig, description="ModelCache.")
+    batching: BatchingConfig = Field(
+        default_factory=BatchingConfig, description="SDXLPipeline's step batcher."
+    )
     router_deployment: DeploymentOptions = _options(num_cpus=0.1, max_ongoing_requests=64)
     encoder_deployment: DeploymentOptions = _options(num_cpus=0.1, max_ongoing_requests=32)
-    pipeline_deployment: DeploymentOptions = _options(num_cpus=0.5, max_ongoing_requests=2)
+    # Requests a replica takes at once: its step batcher serves them together.
+    pipeline_deployment: DeploymentOptions = _options(num_cpus=0.5, max_ongoing_requests=16)
     cache_deployment: DeploymentOptions = _options(num_cpus=0.1, max_ongoing_requests=64)
     providers: list[ProviderConfig] = Field(
         default_factory=list, description="Remote image APIs, served as `provider/model` ids."

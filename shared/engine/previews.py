@@ -74,14 +74,18 @@ class VAEDecoder:
         self.latents_mean = _channel_tensor(stats[0], self.device) if stats else None
         self.latents_std = _channel_tensor(stats[1], self.device) if stats else None
 
-    @torch.inference_mode()
     def __call__(self, latents: torch.Tensor) -> np.ndarray:
+        return to_pixels(self.decode(latents))
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] (B, 3, H, W), unchecked: callers check each image's finiteness."""
         latents = latents.to(device=self.device, dtype=torch.float32)
         if self.latents_mean is not None and self.latents_std is not None:
             latents = latents * self.latents_std / self.scaling_factor + self.latents_mean
         else:
             latents = latents / self.scaling_factor
-        return to_pixels(self.vae.decode(latents, return_dict=False)[0])
+        return self.vae.decode(latents, return_dict=False)[0]
 
 
 def _channel_tensor(values: list[float], device: torch.device) -> torch.Tensor:

@@ -1,11 +1,18 @@
-"""The SDXL denoising engine: prepare → denoise (one step hook) → decode, on injected modules.
+"""The SDXL denoising engine: prepare → step → decode, on injected modules.
 
 It reproduces diffusers' `StableDiffusionXLPipeline` text-to-image path step for step (same
 noise, same scheduler calls, same VAE postprocessing), so its pixels equal diffusers' for the
 same inputs, but it owns the loop: a `StepEvent` after every step, previews every k steps,
-cooperative cancellation before every step. It is synchronous; the deployment runs it in a
-worker thread. Modules are passed in built, so the production path can load them from the object
-store and tests can pass the tiny model.
+cooperative cancellation before every step.
+
+A request's state between steps is a `Denoising` (its own scheduler, timesteps, latents,
+generators, conditioning and guidance). `step` advances any number of same-size states with one
+UNet forward (per-sample timesteps, stacked conditioning), then each state's own scheduler step,
+so requests with different samplers, step counts, seeds and guidance share a call; `decode`
+finishes several states with one VAE call. `run` is the one-request loop over the same three
+calls; `shared.engine.batcher.StepBatcher` is the many-request one. Everything is synchronous:
+deployments run it in a worker thread. Modules are passed in built, so the production path can
+load them from the object store and tests can pass the tiny model.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import inspect
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +48,9 @@ from shared.engine.previews import (
     VAEDecoder,
     place_module,
     render_previews,
+    to_pixels,
 )
-from shared.errors import InvalidRequestError, RequestCancelledError
+from shared.errors import InvalidRequestError, RequestCancelledError, ServeError
 from shared.imaging import encode_image, to_pil
 
 StepHook = Callable[[StepEvent], None]
@@ -87,6 +95,39 @@ class Sampling:
     timesteps: torch.Tensor
     generators: list[torch.Generator]
     step_kwargs: dict[str, Any]
+
+
+@dataclass
+class Denoising:
+    """One request between steps. `done` counts finished steps; `rows` is its share of a UNet
+    batch (its images, twice with classifier-free guidance)."""
+
+    job: DenoiseJob
+    sampling: Sampling
+    conditioning: Conditioning
+    latents: torch.Tensor
+    previewer: PreviewDecoder | None
+    done: int = 0
+    started: float = 0.0  # perf_counter at its first step
+    denoise_ms: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return len(self.sampling.timesteps)
+
+    @property
+    def finished(self) -> bool:
+        return self.done >= self.total
+
+    @property
+    def rows(self) -> int:
+        return self.latents.shape[0] * (2 if self.conditioning.uses_cfg else 1)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width): requests of one size can share a UNet call."""
+        return self.job.height, self.job.width
 
 
 class SDXLEngine:
@@ -137,28 +178,82 @@ class SDXLEngine:
         return cls(unet, vae, config, preview_decoder=taesd, device=device, dtype=dtype)
 
     def run(self, job: DenoiseJob, emit: StepHook, cancelled: Callable[[], bool]) -> ResultEvent:
-        """Generate the job's images; `emit` gets a StepEvent after each step.
+        """Generate the job's images alone; `emit` gets a StepEvent after each step.
 
         Everything a request can get wrong is checked before the first step, so a stream never
         fails mid-way on bad input.
         """
+        state = self.prepare(job)
+        while not state.finished:
+            _raise_if_cancelled(job, cancelled)
+            (event,) = self.step([state])
+            emit(event)
+        _raise_if_cancelled(job, cancelled)
+        (outcome,) = self.decode([state])
+        if isinstance(outcome, ServeError):
+            raise outcome
+        return outcome
+
+    def check(self, job: DenoiseJob) -> None:
+        """Raise InvalidRequestError for anything this engine cannot run (size, sampler,
+        preview, format): cheap, so callers check before queueing the job."""
+        self._check_job(job)
+        self._previewer(job.preview)
+        build_scheduler(job.scheduler, self.scheduler_config)
+
+    def prepare(self, job: DenoiseJob) -> Denoising:
+        """Check the job and set up its sampler, conditioning and initial noise."""
         self._check_job(job)
         previewer = self._previewer(job.preview)
         scheduler = build_scheduler(job.scheduler, self.scheduler_config)
         with torch.inference_mode():
-            started = time.perf_counter()
-            latents = self._denoise(job, scheduler, previewer, emit, cancelled)
-            denoised = time.perf_counter()
-            _raise_if_cancelled(job, cancelled)
-            images = self._encode_images(job, self.vae_decoder(latents))
-            decoded = time.perf_counter()
-        return ResultEvent(
-            id=job.id,
-            model=job.model,
-            backend="local",
-            images=images,
-            timings=_timings(job, (denoised - started) * 1000, (decoded - denoised) * 1000),
-        )
+            conditioning = self._conditioning(job)
+            sampling = self._sampling(job, scheduler)
+            latents = self._initial_latents(job, sampling)
+        return Denoising(job, sampling, conditioning, latents, previewer)
+
+    def step(self, states: list[Denoising]) -> list[StepEvent]:
+        """Advance every state by one step with a single UNet forward; one event per state.
+
+        The states must share a size (`Denoising.size`); each keeps its own sampler, timestep,
+        guidance and generators, so the result of each equals its own step run alone.
+        """
+        if len({state.size for state in states}) != 1:
+            raise ValueError("states of one UNet call must share a size")
+        started = time.perf_counter()
+        with torch.inference_mode():
+            outputs = self._denoise_step(states)
+            self._synchronize()
+        step_ms = (time.perf_counter() - started) * 1000
+        events = []
+        for state, (latents, predicted) in zip(states, outputs, strict=True):
+            if state.done == 0:
+                state.started = started
+            state.latents = latents
+            state.done += 1
+            state.denoise_ms = (time.perf_counter() - state.started) * 1000
+            events.append(self._event(state, predicted, step_ms))
+        return events
+
+    def decode(self, states: list[Denoising]) -> list[ResultEvent | ServeError]:
+        """Finish states with one VAE call; a state whose pixels are not finite gets its error
+        (a NaN image is never a success) without failing the others."""
+        started = time.perf_counter()
+        with torch.inference_mode():
+            decoded = self.vae_decoder.decode(torch.cat([state.latents for state in states]))
+        decode_ms = (time.perf_counter() - started) * 1000
+        outcomes: list[ResultEvent | ServeError] = []
+        offset = 0
+        for state in states:
+            count = state.latents.shape[0]
+            try:
+                pixels = to_pixels(decoded[offset : offset + count])
+            except ServeError as error:
+                outcomes.append(error)
+            else:
+                outcomes.append(self._result(state, pixels, decode_ms))
+            offset += count
+        return outcomes
 
     def _check_job(self, job: DenoiseJob) -> None:
         factor = self.vae_scale_factor
@@ -251,70 +346,64 @@ class SDXLEngine:
 
     # -- denoise ---------------------------------------------------------------------------
 
-    def _denoise(
-        self,
-        job: DenoiseJob,
-        scheduler: SchedulerMixin,
-        previewer: PreviewDecoder | None,
-        emit: StepHook,
-        cancelled: Callable[[], bool],
-    ) -> torch.Tensor:
-        conditioning = self._conditioning(job)
-        sampling = self._sampling(job, scheduler)
-        latents = self._initial_latents(job, sampling)
-        total = len(sampling.timesteps)
-        started = time.perf_counter()
-        for index, timestep in enumerate(sampling.timesteps, start=1):
-            _raise_if_cancelled(job, cancelled)
-            step_started = time.perf_counter()
-            latents, predicted = self._step(sampling, timestep, latents, conditioning)
-            self._synchronize()
-            step_ms = (time.perf_counter() - step_started) * 1000
-            previews = []
-            if previewer is not None and (index % job.preview_every == 0 or index == total):
-                shown = predicted if predicted is not None else latents
-                size = (job.width, job.height)
-                previews = render_previews(previewer, shown, size, job.preview_max_side)
-            elapsed_ms = (time.perf_counter() - started) * 1000
-            event = StepEvent(
-                id=job.id,
-                index=index,
-                total=total,
-                elapsed_ms=elapsed_ms,
-                step_ms=step_ms,
-                previews=previews,
-            )
-            emit(event)
-        return latents
-
-    def _step(
-        self,
-        sampling: Sampling,
-        timestep: torch.Tensor,
-        latents: torch.Tensor,
-        conditioning: Conditioning,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One UNet call plus one scheduler step; also returns the scheduler's x0 prediction
-        (when it makes one), which previews far better than the still-noisy latents."""
-        scheduler = sampling.scheduler
-        model_input = torch.cat([latents] * 2) if conditioning.uses_cfg else latents
-        model_input = scheduler.scale_model_input(model_input, timestep)
+    def _denoise_step(self, states: list[Denoising]) -> list[tuple[torch.Tensor, Any]]:
+        """One UNet call for every state, then each state's own guidance and scheduler step;
+        also returns each scheduler's x0 prediction (when it makes one), which previews far
+        better than the still-noisy latents."""
+        inputs, timesteps = [], []
+        for state in states:
+            scheduler = state.sampling.scheduler
+            timestep = state.sampling.timesteps[state.done]
+            latents = state.latents
+            model_input = torch.cat([latents] * 2) if state.conditioning.uses_cfg else latents
+            inputs.append(scheduler.scale_model_input(model_input, timestep))
+            # One timestep per row; float like the UNet's own time projection, so integer
+            # (DDIM) and float (Euler) timesteps can share a call.
+            timesteps.append(timestep.float().expand(model_input.shape[0]))
         noise = self.unet(
-            model_input,
-            timestep,
-            encoder_hidden_states=conditioning.prompt_embeds,
+            torch.cat(inputs),
+            torch.cat(timesteps),
+            encoder_hidden_states=torch.cat([s.conditioning.prompt_embeds for s in states]),
             timestep_cond=None,
             added_cond_kwargs={
-                "text_embeds": conditioning.text_embeds,
-                "time_ids": conditioning.time_ids,
+                "text_embeds": torch.cat([s.conditioning.text_embeds for s in states]),
+                "time_ids": torch.cat([s.conditioning.time_ids for s in states]),
             },
             return_dict=False,
         )[0]
-        if conditioning.uses_cfg:
-            uncond, text = noise.chunk(2)
-            noise = uncond + conditioning.guidance_scale * (text - uncond)
-        output = scheduler.step(noise, timestep, latents, **sampling.step_kwargs, return_dict=True)
-        return output.prev_sample, getattr(output, "pred_original_sample", None)
+        outputs = []
+        offset = 0
+        for state in states:
+            own = noise[offset : offset + state.rows]
+            offset += state.rows
+            conditioning = state.conditioning
+            if conditioning.uses_cfg:
+                uncond, text = own.chunk(2)
+                own = uncond + conditioning.guidance_scale * (text - uncond)
+            sampling = state.sampling
+            timestep = sampling.timesteps[state.done]
+            output = sampling.scheduler.step(
+                own, timestep, state.latents, **sampling.step_kwargs, return_dict=True
+            )
+            outputs.append((output.prev_sample, getattr(output, "pred_original_sample", None)))
+        return outputs
+
+    def _event(self, state: Denoising, predicted: torch.Tensor | None, step_ms: float) -> StepEvent:
+        job, index = state.job, state.done
+        previews = []
+        if state.previewer is not None and (index % job.preview_every == 0 or state.finished):
+            shown = predicted if predicted is not None else state.latents
+            previews = render_previews(
+                state.previewer, shown, (job.width, job.height), job.preview_max_side
+            )
+        return StepEvent(
+            id=job.id,
+            index=index,
+            total=state.total,
+            elapsed_ms=(time.perf_counter() - state.started) * 1000,
+            step_ms=step_ms,
+            previews=previews,
+        )
 
     def _synchronize(self) -> None:
         # CUDA runs ahead of Python: without a sync, step timings and the cancellation check
@@ -323,6 +412,16 @@ class SDXLEngine:
             torch.cuda.synchronize(self.device)
 
     # -- decode ----------------------------------------------------------------------------
+
+    def _result(self, state: Denoising, pixels: np.ndarray, decode_ms: float) -> ResultEvent:
+        job = state.job
+        return ResultEvent(
+            id=job.id,
+            model=job.model,
+            backend="local",
+            images=self._encode_images(job, pixels),
+            timings=_timings(job, state.denoise_ms, decode_ms),
+        )
 
     def _encode_images(self, job: DenoiseJob, pixels: np.ndarray) -> list[GeneratedImage]:
         images = []

@@ -25,7 +25,7 @@ class HandleClient:
         handle = serve.get_app_handle(self._app_name).options(stream=True)
         events = []
         async for event in handle.stream.remote(GenerateRequest(**body)):
-            assert isinstance(event, StepEvent) or event.event in ("result", "error")
+            assert isinstance(event, StepEvent) or event.event in ("queued", "result", "error")
             events.append(event.model_dump())
         return events
 

@@ -34,9 +34,9 @@ def test_handle_stream_yields_the_same_event_models(handle_client) -> None:
     events = handle_client.streamed.remote({**BASE, "seed": 5, "preview": "latent"}).result(
         timeout_s=120
     )
-    assert [e["event"] for e in events] == ["step"] * 4 + ["result"]
+    assert [e["event"] for e in events] == ["queued"] + ["step"] * 4 + ["result"]
     assert [e["index"] for e in events[:4]] == [1, 2, 3, 4]
-    assert events[0]["previews"] and decode(events[-1]["images"][0]["b64"]).size == (64, 64)
+    assert events[1]["previews"] and decode(events[-1]["images"][0]["b64"]).size == (64, 64)
 
 
 def test_handle_errors_are_typed(handle_client) -> None:
@@ -80,9 +80,11 @@ def test_disconnect_mid_stream_stops_the_denoising_loop(app_url: str) -> None:
         http.stream("POST", "/v1/generate", json=request) as response,
     ):
         lines = response.iter_lines()
-        first = json.loads(next(lines))
+        queued = json.loads(next(lines))
+        assert queued["event"] == "queued"
+        json.loads(next(lines))
         second = json.loads(next(lines))
-        job_id = first["id"]
+        job_id = queued["id"]
         at_disconnect = job_stats(job_id)["steps"]
     stats = wait_finished(job_id)
     assert second["index"] == 2

@@ -91,9 +91,10 @@ def test_sse_stream_uses_event_and_data_lines(client: httpx.Client) -> None:
         text = response.read().decode()
     blocks = [block for block in text.split("\n\n") if block.strip()]
     names = [block.split("\n")[0] for block in blocks]
-    assert names == ["event: step"] * 4 + ["event: result"]
+    assert names == ["event: queued"] + ["event: step"] * 4 + ["event: result"]
     payloads = [json.loads(block.split("\n")[1].removeprefix("data: ")) for block in blocks]
-    assert [p["index"] for p in payloads[:4]] == [1, 2, 3, 4]
+    assert payloads[0]["position"] >= 0
+    assert [p["index"] for p in payloads[1:5]] == [1, 2, 3, 4]
     assert decode(payloads[-1]["images"][0]["b64"]).size == (64, 64)
 
 
