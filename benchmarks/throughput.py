@@ -15,11 +15,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS, summarize
 
@@ -165,7 +168,7 @@ def run_app(
         for side in sides:
             send = request(base, side)
             wait_for(lambda send=send: send(_client(), 0)[2], 120, f"{name} to answer")
-            closed_loop(send, 1, min(2.0, seconds))  # warm-up, excluded
+            closed_loop(send, 2, min(3.0, seconds))  # warm-up, excluded
             for concurrency in concurrencies:
                 row = closed_loop(send, concurrency, seconds)
                 rows[f"{side}px c{concurrency}"] = row

@@ -140,7 +140,10 @@ class SDXLPipeline:
             raise GenerationError(f"model {model_id!r} is not served by this deployment")
         holder = _actor_name()
         components = await fetch_components(self._cache, model_id, ENGINE_COMPONENTS, holder)
-        engine = await asyncio.to_thread(self._build, components, model.dtype, self._device)
+        fast_paths = self._config.engine.resolved(self._device)
+        engine = await asyncio.to_thread(
+            self._build, components, model.dtype, self._device, fast_paths
+        )
         self._built.add(model_id)
 
         async def unloaded() -> None:

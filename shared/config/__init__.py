@@ -4,7 +4,13 @@
 sections live in the submodules and are re-exported here.
 """
 
-from shared.config.app import AppConfig, BatchingConfig, CacheConfig, EncoderConfig
+from shared.config.app import (
+    AppConfig,
+    BatchingConfig,
+    CacheConfig,
+    EncoderConfig,
+    EngineConfig,
+)
 from shared.config.deployment import AutoscalingConfig, DeploymentOptions
 from shared.config.models import LimitsConfig, ModelConfig
 
@@ -15,6 +21,7 @@ __all__ = [
     "CacheConfig",
     "DeploymentOptions",
     "EncoderConfig",
+    "EngineConfig",
     "LimitsConfig",
     "ModelConfig",
 ]

@@ -44,6 +44,25 @@ class BatchingConfig(StrictConfig):
     )
 
 
+class EngineConfig(StrictConfig):
+    """Fast paths of SDXLPipeline's UNet. Unset means on with CUDA, off on the CPU (where
+    neither helps and fusing would copy weights that are otherwise zero-copy views)."""
+
+    channels_last: bool | None = Field(
+        None, description="Keep the UNet's weights and activations in channels-last layout."
+    )
+    fuse_qkv: bool | None = Field(
+        None, description="Fuse each attention's query/key/value projections into one matmul."
+    )
+
+    def resolved(self, device: str) -> dict[str, bool]:
+        cuda = device.startswith("cuda")
+        return {
+            "channels_last": cuda if self.channels_last is None else self.channels_last,
+            "fuse_qkv": cuda if self.fuse_qkv is None else self.fuse_qkv,
+        }
+
+
 class CacheConfig(StrictConfig):
     capacity_bytes: int = Field(
         64 * 1024**3, ge=1, description="Object-store bytes held before LRU eviction."
@@ -71,6 +90,7 @@ class AppConfig(StrictConfig):
     batching: BatchingConfig = Field(
         default_factory=BatchingConfig, description="SDXLPipeline's step batcher."
     )
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="UNet fast paths.")
     router_deployment: DeploymentOptions = _options(num_cpus=0.1, max_ongoing_requests=64)
     encoder_deployment: DeploymentOptions = _options(num_cpus=0.1, max_ongoing_requests=32)
     # Requests a replica takes at once: its step batcher serves them together.

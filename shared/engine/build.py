@@ -15,19 +15,36 @@ from shared.weights.loader import ComponentWeights
 
 
 def build_engine(
-    components: dict[str, ComponentWeights], dtype_name: str, device: str
+    components: dict[str, ComponentWeights],
+    dtype_name: str,
+    device: str,
+    fast_paths: dict[str, bool] | None = None,
 ) -> SDXLEngine:
-    """UNet in the model's dtype; the VAE (and TAESD) decode in float32."""
+    """UNet in the model's dtype with the given fast paths; the VAE (and TAESD) decode in
+    float32."""
     dtype = getattr(torch, dtype_name)
     taesd = components.get("taesd")
+    unet = build_module(components["unet"], device=device, dtype=dtype)
     return SDXLEngine(
-        unet=build_module(components["unet"], device=device, dtype=dtype),
+        unet=apply_fast_paths(unet, **(fast_paths or {})),
         vae=build_module(components["vae"], device=device, dtype=torch.float32),
         scheduler_config=build_scheduler_config(components["scheduler"]),
         preview_decoder=build_module(taesd, device=device, dtype=torch.float32) if taesd else None,
         device=device,
         dtype=dtype,
     )
+
+
+def apply_fast_paths(
+    unet: torch.nn.Module, channels_last: bool = False, fuse_qkv: bool = False
+) -> torch.nn.Module:
+    """The UNet with channels-last memory format and/or fused QKV projections (see
+    `shared.config.EngineConfig`); the pixels stay those of the plain module."""
+    if fuse_qkv:
+        unet.fuse_qkv_projections()
+    if channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
+    return unet
 
 
 def build_prompt_encoder(

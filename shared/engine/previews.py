@@ -52,7 +52,9 @@ def to_pixels(images: torch.Tensor) -> np.ndarray:
     """Decoder output in [-1, 1] (B, 3, H, W) to uint8 NHWC, as diffusers' VaeImageProcessor."""
     if not torch.isfinite(images).all():
         raise GenerationError(
-            "the decoder produced NaN or infinite pixels (an fp16 VAE overflow or broken weights)"
+            "the decoder produced NaN or infinite pixels (an fp16 VAE overflow or broken "
+            "weights); use a bf16/fp32 VAE or an fp16-fix VAE",
+            code="nan_output",
         )
     unit = (images * 0.5 + 0.5).clamp(0, 1)
     return float_to_uint8(unit.cpu().permute(0, 2, 3, 1).float().numpy())

@@ -236,8 +236,9 @@ def test_nan_from_the_vae_is_an_error_not_an_image(
         vae.decoder.conv_out.bias.fill_(float("nan"))
     broken = SDXLEngine(engine.unet, vae, engine.scheduler_config)
     calls = UNetCalls(broken)
-    with pytest.raises(GenerationError):
+    with pytest.raises(GenerationError) as caught:
         run(broken, replace(base_job, steps=2))
+    assert caught.value.code == "nan_output"
     calls.close()
     assert calls.count == 2
 
@@ -273,3 +274,21 @@ def test_concurrent_jobs_do_not_share_sampler_state(
         thread.join()
     assert [concurrent[0], concurrent[1]] == sequential
     assert unet_calls.count - before == 6
+
+
+def test_fast_paths_keep_the_pixels(
+    engine: SDXLEngine, base_job: DenoiseJob, tiny_model_dir: Path
+) -> None:
+    from diffusers import UNet2DConditionModel
+
+    from shared.engine.build import apply_fast_paths
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
+    fast_unet = apply_fast_paths(unet, channels_last=True, fuse_qkv=True)
+    assert any("to_qkv" in name for name, _ in fast_unet.named_modules())
+    conv = next(m for m in fast_unet.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    fast = SDXLEngine(fast_unet, engine.vae_decoder.vae, engine.scheduler_config)
+    job = replace(base_job, scheduler="dpmpp_2m", seeds=[11, 12])
+    difference = np.abs(pixels(run(fast, job)[0]).astype(int) - pixels(run(engine, job)[0]))
+    assert difference.max() <= 1
