@@ -7,6 +7,7 @@ Concurrent requests are batched with `@serve.batch` into one forward pass per en
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
@@ -24,12 +25,15 @@ from shared.weights.loader import TEXT_COMPONENTS
 if TYPE_CHECKING:
     from shared.engine.prompts import PromptEncoder
 
+logger = logging.getLogger("ray.serve")
 EncodeKey = tuple[str, str, str | None]
 
 
 @serve.deployment(name="ClipEncoder")
 class ClipEncoder:
-    def __init__(self, config: AppConfig, cache: DeploymentHandle) -> None:
+    # An async constructor (Serve awaits it): a replica takes traffic only once the encoders of
+    # every `preload: true` model are built and have run once.
+    async def __init__(self, config: AppConfig, cache: DeploymentHandle) -> None:  # type: ignore[misc]
         # torch and transformers are imported here, in the replica, never where the app is built.
         from shared.engine.build import build_prompt_encoder
         from shared.engine.modules import pick_device
@@ -48,6 +52,7 @@ class ClipEncoder:
         self._batch_sizes = metrics.Histogram(
             "encoder_batch_size", description="Prompts per encoder batch.", boundaries=[1, 2, 4, 8]
         )
+        await self._preload()
 
     async def encode(self, model_id: str, prompt: str, negative: str | None) -> PromptEmbeddings:
         """Embeddings for one prompt pair; raises InvalidRequestError for over-long prompts."""
@@ -65,6 +70,15 @@ class ClipEncoder:
 
     async def ping(self) -> str:
         return "ok"
+
+    async def _preload(self) -> None:
+        for model in self._config.models:
+            if not model.preload:
+                continue
+            try:
+                await self.encode(model.id, "", None)
+            except Exception as exc:  # the model's failure is reported by ModelCache
+                logger.warning("could not preload the text encoders of %s: %r", model.id, exc)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _encode_batch(

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("ray.serve")
 RECENT_JOBS = 256
+MODELS_PER_REPLICA = 2
 RELEASE_TIMEOUT_S = 2.0
 PipelineEvent = QueuedEvent | StepEvent | ResultEvent
 
@@ -91,7 +92,9 @@ def _node_id() -> str | None:
 
 @serve.deployment(name="SDXLPipeline")
 class SDXLPipeline:
-    def __init__(self, config: AppConfig, cache: DeploymentHandle) -> None:
+    # An async constructor (Serve awaits it): a replica takes traffic only once the engines of
+    # the `preload: true` models are built and have run one step, so its first request is warm.
+    async def __init__(self, config: AppConfig, cache: DeploymentHandle) -> None:  # type: ignore[misc]
         # torch and diffusers are imported here, in the replica, never where the app is built.
         from shared.engine.batcher import StepBatcher
         from shared.engine.build import build_engine
@@ -132,8 +135,9 @@ class SDXLPipeline:
         self._queue_depth = metrics.Gauge(
             "sdxl_queue_depth", description="Requests waiting for room in the step batcher."
         )
+        await self._preload()
 
-    @serve.multiplexed(max_num_models_per_replica=2)
+    @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
     async def get_engine(self, model_id: str) -> SDXLEngine:
         model = self._config.model(model_id)
         if model is None:
@@ -207,6 +211,18 @@ class SDXLPipeline:
 
     async def ping(self) -> str:
         return "ok"
+
+    async def _preload(self) -> None:
+        preloaded = [m for m in self._config.models if m.preload][:MODELS_PER_REPLICA]
+        for model in preloaded:
+            try:
+                engine = await self.get_engine(model.id)
+                size = await self._cache.defaults.remote(model.id)
+                width = model.default_width or size.get("width", 1024)
+                height = model.default_height or size.get("height", 1024)
+                await asyncio.to_thread(engine.warm_up, width, height)
+            except Exception as exc:  # the model's failure is reported by ModelCache
+                logger.warning("could not preload the engine of %s: %r", model.id, exc)
 
     def _observe_step(self, event: StepEvent) -> None:
         self._steps.inc()

@@ -32,7 +32,7 @@ from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-from shared.api.jobs import DenoiseJob
+from shared.api.jobs import DenoiseJob, PromptEmbeddings
 from shared.api.schemas import GeneratedImage, ResultEvent, StepEvent, Timings
 from shared.api.vocabulary import (
     IMAGE_FORMATS,
@@ -193,6 +193,25 @@ class SDXLEngine:
         if isinstance(outcome, ServeError):
             raise outcome
         return outcome
+
+    def warm_up(self, width: int, height: int) -> None:
+        """One step and one decode at this size on zero embeddings, so the first request does
+        not pay the first forward's one-time costs (kernel selection, allocations)."""
+        config = self.unet.config
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        text = np.zeros((1, 77, config.cross_attention_dim), dtype=np.float32)
+        zeros = np.zeros((1, pooled), dtype=np.float32)
+        job = DenoiseJob(
+            id="warm-up",
+            model="warm-up",
+            embeddings=PromptEmbeddings(text, zeros, text, zeros),
+            width=width,
+            height=height,
+            steps=1,
+            guidance_scale=5.0,
+            seeds=[0],
+        )
+        self.run(job, lambda _: None, lambda: False)
 
     def check(self, job: DenoiseJob) -> None:
         """Raise InvalidRequestError for anything this engine cannot run (size, sampler,
