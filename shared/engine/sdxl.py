@@ -17,7 +17,6 @@ load them from the object store and tests can pass the tiny model.
 
 from __future__ import annotations
 
-import inspect
 import json
 import time
 from collections.abc import Callable
@@ -25,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import diffusers
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
@@ -37,8 +35,6 @@ from shared.api.schemas import GeneratedImage, ResultEvent, StepEvent, Timings
 from shared.api.vocabulary import (
     IMAGE_FORMATS,
     PREVIEW_KINDS,
-    SAMPLERS,
-    SCHEDULER_NAMES,
     PreviewKind,
 )
 from shared.engine.previews import (
@@ -50,27 +46,11 @@ from shared.engine.previews import (
     render_previews,
     to_pixels,
 )
+from shared.engine.samplers import build_scheduler, step_kwargs
 from shared.errors import InvalidRequestError, RequestCancelledError, ServeError
 from shared.imaging import encode_image, to_pil
 
 StepHook = Callable[[StepEvent], None]
-
-
-def build_scheduler(name: str | None, config: dict[str, Any]) -> SchedulerMixin:
-    """A fresh scheduler (they keep per-run state) for `name`; None is the checkpoint's own."""
-    overrides: dict[str, Any]
-    if name is None:
-        class_name, overrides = str(config.get("_class_name", "EulerDiscreteScheduler")), {}
-    elif name in SAMPLERS:
-        class_name, overrides = SAMPLERS[name]
-    else:
-        raise InvalidRequestError(
-            f"scheduler must be one of {', '.join(SCHEDULER_NAMES)}; got {name!r}",
-            code="unknown_scheduler",
-            param="scheduler",
-        )
-    scheduler_class = getattr(diffusers, class_name)
-    return scheduler_class.from_config(config, **overrides)
 
 
 @dataclass
@@ -347,7 +327,7 @@ class SDXLEngine:
             scheduler.set_begin_index(0)
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in job.seeds]
         return Sampling(
-            scheduler, scheduler.timesteps, generators, _step_kwargs(scheduler, generators)
+            scheduler, scheduler.timesteps, generators, step_kwargs(scheduler, generators)
         )
 
     def _initial_latents(self, job: DenoiseJob, sampling: Sampling) -> torch.Tensor:
@@ -456,18 +436,6 @@ class SDXLEngine:
                 )
             )
         return images
-
-
-def _step_kwargs(scheduler: SchedulerMixin, generators: list[torch.Generator]) -> dict[str, Any]:
-    """eta and generator where `step` takes them, exactly as diffusers' prepare_extra_step_kwargs:
-    ancestral and SDE samplers draw their per-step noise from the per-image generators."""
-    accepted = inspect.signature(scheduler.step).parameters
-    kwargs: dict[str, Any] = {}
-    if "eta" in accepted:
-        kwargs["eta"] = 0.0
-    if "generator" in accepted:
-        kwargs["generator"] = generators
-    return kwargs
 
 
 def _raise_if_cancelled(job: DenoiseJob, cancelled: Callable[[], bool]) -> None:

@@ -19,7 +19,8 @@ from PIL import Image
 from shared.api.jobs import DenoiseJob, PromptEmbeddings
 from shared.api.schemas import ResultEvent, StepEvent
 from shared.api.vocabulary import SCHEDULER_NAMES
-from shared.engine.sdxl import SDXLEngine, build_scheduler
+from shared.engine.samplers import build_scheduler
+from shared.engine.sdxl import SDXLEngine
 from shared.errors import GenerationError, InvalidRequestError, RequestCancelledError
 
 STEPS = 5
