@@ -238,12 +238,24 @@ class BaseProviderClient(abc.ABC):
         )
 
     async def _call_json(
-        self, method: str, path: str, budget: Deadline, payload: Any = None
+        self,
+        method: str,
+        path: str,
+        budget: Deadline,
+        payload: Any = None,
+        *,
+        payload_for_attempt: Callable[[], Any] | None = None,
     ) -> Any:
-        """A provider API call with retries and the breaker; the decoded JSON answer."""
+        """A provider API call with retries and the breaker; the decoded JSON answer.
+
+        `payload_for_attempt`, when given, builds the payload afresh for every attempt, for
+        providers that want each attempt to be a new task (Runware's per-task taskUUID).
+        """
 
         async def attempt() -> Any:
-            body = await self._send(method, path, payload)
+            body = await self._send(
+                method, path, payload_for_attempt() if payload_for_attempt else payload
+            )
             return decode_json(body, f"provider {self.name} answer")
 
         return await self._retrying(attempt, budget)

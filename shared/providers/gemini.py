@@ -1,5 +1,8 @@
 """Gemini client: `POST {base}/v1beta/models/{model}:generateContent`, key in `x-goog-api-key`.
 
+A configured model may name its resource (`models/x`, `tunedModels/x`) or only its id (`x`, which
+means `models/x`), as the official SDK accepts; only the id is percent-encoded in the path.
+
 Request: `contents: [{parts: [{text: prompt}]}]`, `generationConfig: {responseModalities,
 imageConfig: {aspectRatio}, seed}`. Gemini takes an aspect ratio, not pixels: width:height must be
 within 3% of a configured ratio (Gemini's own sizes, e.g. 1344x768 for 16:9, are not exact), and
@@ -55,6 +58,8 @@ SAFETY_FINISH_REASONS = {
 }
 ASPECT_TOLERANCE = math.log(1.03)
 INT32_LIMIT = 2**31
+# Collections a model resource name may start with, as google-genai's `t_model` accepts them.
+MODEL_COLLECTIONS = ("models", "tunedModels")
 _RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
 _ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
 _SECONDS = re.compile(r"^(\d+(?:\.\d+)?)s$")
@@ -146,7 +151,7 @@ class GeminiClient(BaseProviderClient):
     async def _generate_images(
         self, request: GenerateRequest, request_id: str, budget: Deadline
     ) -> list[GeneratedImage]:
-        path = f"/{API_VERSION}/models/{quote(request.model, safe='')}:generateContent"
+        path = f"/{API_VERSION}/{model_resource(request.model)}:generateContent"
         answer = await self._call_json("POST", path, budget, self._payload(request))
         return self._images(answer, request.seed)
 
@@ -193,7 +198,7 @@ class GeminiClient(BaseProviderClient):
         return {model: await self._probe_model(model, budget) for model in self.config.models}
 
     async def _probe_model(self, model: str, budget: Deadline) -> str:
-        path = f"/{API_VERSION}/models/{quote(model, safe='')}"
+        path = f"/{API_VERSION}/{model_resource(model)}"
         try:
             info = await self._call_json_once("GET", path, budget)
         except ProviderUnsupportedError:
@@ -219,6 +224,17 @@ class GeminiClient(BaseProviderClient):
         if info.code in ("API_KEY_INVALID", "PERMISSION_DENIED", "UNAUTHENTICATED"):
             return ProviderAuthError
         return None
+
+
+def model_resource(model: str) -> str:
+    """The resource name of a configured model: `models/x` for `x`, names with a collection kept.
+
+    The collection prefix stays a path segment; the id is encoded so it cannot add segments.
+    """
+    collection, slash, model_id = model.partition("/")
+    if not slash or collection not in MODEL_COLLECTIONS:
+        collection, model_id = "models", model
+    return f"{collection}/{quote(model_id, safe='')}"
 
 
 def _log_ratio(ratio: str) -> float:

@@ -7,7 +7,12 @@ revised_prompt}], usage}`; URLs are downloaded with the same client.
 
 Streaming (`stream: true` + `partial_images`, GPT image models only): the SSE events
 `image_generation.partial_image` become our `step` events carrying the partial as a preview, and
-each `image_generation.completed` event is one final image of the `result` event.
+each `image_generation.completed` event is one final image of the `result` event. An error in the
+stream may come as `{"error": {...}}` or flat, `{"type": "error", "code", "message"}`; both keep
+their code.
+
+Errors: a 401 is our key refused; a 403 from OpenAI (an organization not verified for a model, a
+region) is `provider_unsupported` carrying OpenAI's own message.
 
 Fields of `GenerateRequest` this API has no knob for (negative_prompt, steps, guidance_scale,
 scheduler, seed) are not sent; the result's images carry `seed=None` to say no seed applied.
@@ -34,6 +39,7 @@ from shared.providers.errors import (
     ProviderError,
     ProviderQuotaError,
     ProviderUnavailableError,
+    ProviderUnsupportedError,
 )
 from shared.providers.images import b64_payload, generated_image, preview_image
 from shared.providers.reliability import Deadline
@@ -46,6 +52,7 @@ COMPLETED_EVENT = "image_generation.completed"
 # OpenAI's codes for a prompt or image its safety system refused (GPT image / DALL·E models).
 CONTENT_FILTER_CODES = {"moderation_blocked", "content_policy_violation"}
 QUOTA_CODES = {"insufficient_quota", "billing_hard_limit_reached"}
+AUTH_CODES = {"invalid_api_key"}
 
 
 class OpenAIOptions(StrictModel):
@@ -183,9 +190,9 @@ class OpenAICompatibleClient(BaseProviderClient):
         event = decode_json(sse.data.encode(), f"provider {self.name} stream event")
         if not isinstance(event, dict):
             raise ProviderBadResponseError(f"provider {self.name} stream event is not an object")
-        if "error" in event or sse.event == "error":
+        if "error" in event or sse.event == "error" or event.get("type") == "error":
             # An error after a 200 cannot be retried: the stream has already been relayed.
-            info = self._parse_error(event) or ErrorInfo(message=sse.data)
+            info = self._parse_error(event) or _flat_error(event) or ErrorInfo(message=sse.data)
             cls = self._classify_error(200, info) or ProviderUnavailableError
             raise cls(self._failure_message(200, info, cls), param=info.param, retryable=False)
         event.setdefault("type", sse.event)
@@ -230,6 +237,14 @@ class OpenAIImagesClient(OpenAICompatibleClient):
     ) -> None:
         super().__init__(config, config.openai, transport)
 
+    def _classify_error(self, status: int, info: ErrorInfo) -> type[ProviderError] | None:
+        # OpenAI refuses a bad key with 401. Its 403s are about what the account may do (an
+        # organization that must be verified for gpt-image-1, an unsupported region): the key
+        # worked, and OpenAI's message says what to do, so it must not read "key refused".
+        if status == 403 and info.code not in AUTH_CODES:
+            return ProviderUnsupportedError
+        return super()._classify_error(status, info)
+
 
 class _PartialRelay:
     """Turns partial images into numbered step events with their timing."""
@@ -254,6 +269,17 @@ class _PartialRelay:
         )
         self._last = now
         return event
+
+
+def _flat_error(event: dict[str, Any]) -> ErrorInfo | None:
+    """A stream error in the flat shape `{"type": "error", "code", "message", "param"}`."""
+    if event.get("type") != "error":
+        return None
+    return ErrorInfo(
+        message=str(event.get("message") or "no message"),
+        code=event.get("code"),
+        param=event.get("param"),
+    )
 
 
 def _b64_field(event: dict[str, Any], provider: str) -> bytes:

@@ -2,14 +2,18 @@
 
 One `imageInference` task per request: `taskType, taskUUID, model (AIR id), positivePrompt,
 negativePrompt, width, height, steps, CFGScale, scheduler, seed, numberResults, outputType,
-outputFormat, checkNSFW`. The taskUUID is a uuid4 made once per call and reused by every retry,
-so Runware can recognise a retried task (it is our idempotency key). Answer: `{data: [{taskUUID,
-imageUUID, imageURL | imageBase64Data | imageDataURI, seed, cost, NSFWContent}], errors: [{code,
-message, parameter, taskUUID}]}`; errors may come with a 200 when tasks fail independently.
+outputFormat, safety: {checkContent}` (`safety` replaced the deprecated `checkNSFW`). Every attempt
+is a new task with a fresh uuid4 taskUUID: Runware wants taskUUIDs unique per task, and an
+attempt after a failure is a new task to it. Answer: `{data: [{taskUUID, imageUUID, imageURL |
+imageBase64Data | imageDataURI, seed, cost, NSFWContent}], errors: [{code, message, parameter,
+taskUUID}]}`; errors may come with a 200 when tasks fail independently.
 
-Runware needs a size, so a request without one gets the configured default; the seeds Runware
-used are returned on each image. An image flagged `NSFWContent` (Runware blacks it out) answers
-`content_filtered` rather than a black picture.
+Only what the request asked for is sent: `steps` and `CFGScale` only when the client set them
+(`GenerateRequest.guidance_scale` has a default of ours, which must not override each Runware
+model's own), so the model's defaults apply otherwise. Runware needs a size, so a request without
+one gets the configured default; the seeds Runware used are returned on each image. An image
+flagged `NSFWContent` (Runware blacks it out) answers `content_filtered` rather than a black
+picture.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from shared.providers.errors import (
     ProviderQuotaError,
     ProviderRejectedError,
     ProviderTimeoutError,
+    ProviderUnsupportedError,
 )
 from shared.providers.images import b64_payload, generated_image
 from shared.providers.reliability import Deadline
@@ -47,6 +52,7 @@ RUNWARE_SCHEDULERS: dict[SchedulerName, str] = {
     "unipc": "UniPC",
 }
 TASKS_PATH = "/v1"
+MIN_SEED = 1
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPG", "webp": "WEBP"}
 _ERROR_CLASSES: dict[str, type[ProviderError]] = {
     "invalidApiKey": ProviderAuthError,
@@ -62,8 +68,10 @@ class RunwareOptions(StrictModel):
     output_type: Literal["base64Data", "dataURI", "URL"] = Field(
         default="base64Data", description="`outputType`; URLs are downloaded with the same client."
     )
-    check_nsfw: bool = Field(
-        default=True, description="Send `checkNSFW`; a flagged image answers `content_filtered`."
+    check_content: bool = Field(
+        default=True,
+        description="Send `safety: {checkContent: true}`; a flagged image answers "
+        "`content_filtered`.",
     )
     default_width: int = Field(
         default=1024,
@@ -103,36 +111,65 @@ class RunwareClient(BaseProviderClient):
         super().__init__(config, transport)
         self._options = config.runware
 
-    def _task(self, request: GenerateRequest, task_uuid: str) -> dict[str, Any]:
+    def _task_fields(self, request: GenerateRequest) -> dict[str, Any]:
+        """The task without its type and taskUUID, checked before anything is sent."""
         options = self._options
         width, height = requested_size(request, self.name) or (
             options.default_width,
             options.default_height,
         )
+        asked = request.model_fields_set
         task: dict[str, Any] = {
-            "taskType": "imageInference",
-            "taskUUID": task_uuid,
             "model": request.model,
             "positivePrompt": request.prompt,
             "negativePrompt": request.negative_prompt,
             "width": width,
             "height": height,
             "steps": request.steps,
-            "CFGScale": request.guidance_scale,
-            "scheduler": RUNWARE_SCHEDULERS[request.scheduler] if request.scheduler else None,
-            "seed": request.seed,
+            "CFGScale": request.guidance_scale if "guidance_scale" in asked else None,
+            "scheduler": self._scheduler(request.scheduler),
+            "seed": self._seed(request.seed),
             "numberResults": request.n,
             "outputType": options.output_type,
             "outputFormat": OUTPUT_FORMATS[request.output_format],
-            "checkNSFW": options.check_nsfw,
+            "safety": {"checkContent": True} if options.check_content else None,
         }
         return {key: value for key, value in task.items() if value is not None}
+
+    def _scheduler(self, name: SchedulerName | None) -> str | None:
+        if name is None:
+            return None
+        if name not in RUNWARE_SCHEDULERS:
+            raise ProviderUnsupportedError(
+                f"provider {self.name} has no sampler for scheduler {name!r}; it maps "
+                f"{', '.join(RUNWARE_SCHEDULERS)}",
+                param="scheduler",
+            )
+        return RUNWARE_SCHEDULERS[name]
+
+    def _seed(self, seed: int | None) -> int | None:
+        # Runware's seeds start at 1. Seed 0 is a valid seed of ours that Runware cannot draw:
+        # leaving it out would draw a random image for a caller who asked for a reproducible one,
+        # and sending 1 instead would silently change the input, so it is refused.
+        if seed is not None and seed < MIN_SEED:
+            raise ProviderUnsupportedError(
+                f"provider {self.name} takes seeds from {MIN_SEED} (Runware's minimum); got {seed}",
+                param="seed",
+            )
+        return seed
 
     async def _generate_images(
         self, request: GenerateRequest, request_id: str, budget: Deadline
     ) -> list[GeneratedImage]:
-        task_uuid = str(uuid.uuid4())
-        answer = await self._call_json("POST", TASKS_PATH, budget, [self._task(request, task_uuid)])
+        fields = self._task_fields(request)
+        task_uuids: list[str] = []
+
+        def tasks() -> list[dict[str, Any]]:
+            task_uuids.append(str(uuid.uuid4()))
+            return [{"taskType": "imageInference", "taskUUID": task_uuids[-1]} | fields]
+
+        answer = await self._call_json("POST", TASKS_PATH, budget, payload_for_attempt=tasks)
+        task_uuid = task_uuids[-1]
         self._raise_task_errors(answer, task_uuid)
         results = _task_results(answer, task_uuid)
         if not results:
@@ -144,7 +181,8 @@ class RunwareClient(BaseProviderClient):
     async def _image(self, result: dict[str, Any], budget: Deadline) -> GeneratedImage:
         if result.get("NSFWContent") is True:
             raise ContentFilteredError(
-                f"provider {self.name} flagged the image as NSFW (checkNSFW) and withheld it"
+                f"provider {self.name} flagged the image as NSFW (safety.checkContent) and "
+                "withheld it"
             )
         seed = result.get("seed") if isinstance(result.get("seed"), int) else None
         for field in ("imageBase64Data", "imageDataURI"):

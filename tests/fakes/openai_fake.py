@@ -7,8 +7,11 @@ image models take `output_format/background/moderation/stream/partial_images`, D
 type, param, code}}`. With `stream: true` it answers SSE `image_generation.partial_image` events
 and one `image_generation.completed` per image. `GET /v1/models` lists the models.
 
-Faults: the generic ones, `content_filter` (400 `moderation_blocked`) and `quota` (429
-`insufficient_quota`).
+Faults: the generic ones, `content_filter` (400 `moderation_blocked`), `quota` (429
+`insufficient_quota`), `org_unverified` (OpenAI's 403 for gpt-image-1 without a verified
+organization, `code: null`), and, for streams, `stream_error` / `stream_error_wrapped`: after the
+first partial image the stream ends with an `error` event whose code is the fault's `text`, flat
+(`{"type": "error", "code", "message", "param"}`) or in the `{"error": {...}}` envelope.
 """
 
 from __future__ import annotations
@@ -54,7 +57,13 @@ class _Invalid(Exception):
 class OpenAIFake(FakeProvider):
     kind = "openai"
     default_models = ["gpt-image-1", "gpt-image-1-mini", "dall-e-2", "dall-e-3"]
-    special_faults = {"content_filter", "quota"}
+    special_faults = {
+        "content_filter",
+        "quota",
+        "org_unverified",
+        "stream_error",
+        "stream_error_wrapped",
+    }
     owned_by = "openai"
 
     def __init__(self, *, stream_interval_s: float = 0.0, **kwargs: Any) -> None:
@@ -121,7 +130,7 @@ class OpenAIFake(FakeProvider):
         if refusal is not None:
             return refusal
         if params.get("stream"):
-            return StreamingResponse(self._events(params), media_type="text/event-stream")
+            return StreamingResponse(self._events(params, fault), media_type="text/event-stream")
         return JSONResponse(self._answer(params))
 
     # -- validation -----------------------------------------------------------------------------
@@ -203,6 +212,14 @@ class OpenAIFake(FakeProvider):
                 code="moderation_blocked",
                 type_="image_generation_user_error",
             )
+        if fault is not None and fault.kind == "org_unverified":
+            return self.error_response(
+                403,
+                "Your organization must be verified to use the model `gpt-image-1`. Please go "
+                "to: https://platform.openai.com/settings/organization/general and click on "
+                "Verify Organization. If you just verified, it can take up to 15 minutes for "
+                "access to propagate.",
+            )
         if fault is not None and fault.kind == "quota":
             return self.error_response(
                 429,
@@ -237,7 +254,7 @@ class OpenAIFake(FakeProvider):
             item["url"] = self.store_file(data, MIME_TYPES["png"], "png")
         return item
 
-    async def _events(self, params: dict[str, Any]) -> AsyncIterator[bytes]:
+    async def _events(self, params: dict[str, Any], fault: Fault | None) -> AsyncIterator[bytes]:
         base = {
             "created_at": int(time.time()),
             "size": f"{params['width']}x{params['height']}",
@@ -252,6 +269,9 @@ class OpenAIFake(FakeProvider):
                     "image_generation.partial_image",
                     base | {"b64_json": make_b64(*size, 100 + index), "partial_image_index": index},
                 )
+                if fault is not None and fault.kind.startswith("stream_error"):
+                    yield _stream_error(fault)
+                    return
                 if self.stream_interval_s:
                     await asyncio.sleep(self.stream_interval_s)
             yield _sse(
@@ -317,6 +337,18 @@ def _usage() -> dict[str, Any]:
         "output_tokens": 272,
         "total_tokens": 284,
     }
+
+
+def _stream_error(fault: Fault) -> bytes:
+    error = {
+        "code": fault.text or "server_error",
+        "message": "Image generation failed.",
+        "param": None,
+    }
+    if fault.kind == "stream_error_wrapped":
+        body = {"error": error | {"type": "server_error"}}
+        return f"event: error\ndata: {json.dumps(body)}\n\n".encode()
+    return _sse("error", error)
 
 
 def _sse(event: str, data: dict[str, Any]) -> bytes:

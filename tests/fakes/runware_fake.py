@@ -1,16 +1,22 @@
-"""Fake Runware REST API on loopback: `POST /v1` with a JSON array of tasks, Bearer auth.
+"""Fake Runware API on loopback: REST `POST /v1` with a JSON array of tasks, Bearer auth, and the
+same task protocol over a WebSocket at `/v1` (what Runware's own SDK speaks).
 
-Validates like the real API: a missing or wrong key (401 `missingApiKey` / `invalidApiKey`), a body
-that is not a task array, unknown task types and parameters, taskUUID (a UUID v4), the model (an
-AIR id this fake serves), prompt length, sizes (multiples of 64 in 128..2048), ranges and enums.
-Errors use Runware's `{"errors": [{code, message, parameter, taskType, taskUUID}]}` shape.
-Answers `{"data": [{taskType, taskUUID, imageUUID, imageBase64Data | imageDataURI | imageURL,
-seed, NSFWContent?, cost?}]}`; a `ping` task answers `pong`. Every taskUUID seen is kept in
-`task_uuids` so tests can check that retries reuse theirs.
+Validates like the current API: a missing or wrong key (401 `missingApiKey` / `invalidApiKey`), a
+body that is not a task array, unknown task types and parameters, taskUUID (a UUID v4), the model
+(an AIR id this fake serves), prompt length, sizes (multiples of 64 in 128..2048), ranges (seeds
+from 1) and enums, `deliveryMethod` (this fake answers `sync` tasks only) and the `safety` object.
+The deprecated `checkNSFW` is refused, so a client that still sends it fails here rather than
+when Runware drops it. Errors use Runware's `{"errors": [{code, message, parameter, taskType,
+taskUUID}]}` shape. Answers `{"data": [{taskType, taskUUID, imageUUID, imageBase64Data |
+imageDataURI | imageURL, seed, NSFWContent?, cost?}]}`; a `ping` task answers `pong`. Every
+taskUUID seen is kept in `task_uuids` so tests can check that each attempt has its own.
 
-Faults: the generic ones, `content_filter` (the image comes back blacked out with
-`NSFWContent: true`, as Runware does when `checkNSFW` flags it) and `task_error` (a 200 whose
-`errors` array reports the task failed, with the code given in `text`).
+Over the WebSocket the first task must be `authentication` with `apiKey` (answered with a
+`connectionSessionUUID`); each message is a task array, answered with one message per task.
+
+Faults (REST only): the generic ones, `content_filter` (the image comes back blacked out with
+`NSFWContent: true`, as Runware does when `safety.checkContent` flags it) and `task_error` (a 200
+whose `errors` array reports the task failed, with the code given in `text`).
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from tests.fakes.images import MIME_TYPES, make_image
 from tests.fakes.server import FakeProvider, Fault
@@ -44,7 +51,8 @@ INFERENCE_FIELDS = {
     "outputType",
     "outputFormat",
     "outputQuality",
-    "checkNSFW",
+    "deliveryMethod",
+    "safety",
     "includeCost",
     "clipSkip",
     "lora",
@@ -52,7 +60,9 @@ INFERENCE_FIELDS = {
 FORMATS = {"PNG": "png", "JPG": "jpeg", "WEBP": "webp"}
 OUTPUT_TYPES = {"base64Data", "dataURI", "URL"}
 AIR = re.compile(r"^[a-z0-9_-]+:[0-9]+@[A-Za-z0-9_.-]+$")
-RANGES = {"steps": (1, 100), "numberResults": (1, 20), "seed": (0, 2**63 - 1)}
+RANGES = {"steps": (1, 100), "numberResults": (1, 20), "seed": (1, 2**63 - 1)}
+SAFETY_FIELDS = {"tolerance": bool, "checkInputs": bool, "checkContent": bool, "mode": str}
+DEPRECATED = {"checkNSFW": "checkNSFW is deprecated; use safety.checkContent."}
 
 
 class _TaskError(Exception):
@@ -71,8 +81,8 @@ class RunwareFake(FakeProvider):
         self.task_uuids: list[str] = []
         super().__init__(**kwargs)
 
-    def routes(self) -> list[Route]:
-        return [Route("/v1", self._tasks, methods=["POST"])]
+    def routes(self) -> list[BaseRoute]:
+        return [Route("/v1", self._tasks, methods=["POST"]), WebSocketRoute("/v1", self._socket)]
 
     def reset(self) -> None:
         super().reset()
@@ -122,6 +132,52 @@ class RunwareFake(FakeProvider):
             return JSONResponse({"data": [], "errors": [_task_error(call.body[0], fault)]})
         return JSONResponse({"data": data})
 
+    async def _socket(self, websocket: WebSocket) -> None:
+        """The task protocol over a WebSocket: authenticate first, then one answer per task."""
+        await websocket.accept()
+        authenticated = False
+        try:
+            while True:
+                raw = await websocket.receive_text()
+                call = self.record_raw("WS", "/v1", dict(websocket.headers), raw.encode())
+                tasks = call.body if isinstance(call.body, list) else [call.body]
+                for task in tasks:
+                    if not authenticated:
+                        authenticated = await self._authenticate(websocket, task)
+                        if not authenticated:
+                            await websocket.close()
+                            return
+                        continue
+                    await websocket.send_json(self._socket_answer(task))
+        except WebSocketDisconnect:
+            return
+
+    async def _authenticate(self, websocket: WebSocket, task: Any) -> bool:
+        authentication = isinstance(task, dict) and task.get("taskType") == "authentication"
+        if authentication and task.get("apiKey") == self.api_key:
+            session = {"taskType": "authentication", "connectionSessionUUID": str(uuid.uuid4())}
+            await websocket.send_json({"data": [session]})
+            return True
+        error = {
+            "code": "invalidApiKey",
+            "message": "Invalid API key. Get one at https://my.runware.ai/signup",
+            "parameter": "apiKey",
+            "taskType": "authentication",
+        }
+        await websocket.send_json({"errors": [error]})
+        return False
+
+    def _socket_answer(self, task: Any) -> dict[str, Any]:
+        try:
+            return {"data": self._run(task, None)}
+        except _TaskError as exc:
+            error: dict[str, Any] = {"code": exc.code, "message": str(exc)}
+            if exc.parameter is not None:
+                error["parameter"] = exc.parameter
+            if isinstance(task, dict):
+                error |= {"taskType": task.get("taskType"), "taskUUID": task.get("taskUUID")}
+            return {"errors": [error]}
+
     def _auth_failure(self, request: Request) -> Response | None:
         header = request.headers.get("authorization", "")
         if not header:
@@ -159,6 +215,8 @@ class RunwareFake(FakeProvider):
 
     def _validate(self, task: dict[str, Any]) -> None:
         for name in task:
+            if name in DEPRECATED:
+                raise _TaskError("unsupportedParameter", DEPRECATED[name], name)
             if name not in INFERENCE_FIELDS:
                 raise _TaskError("unsupportedParameter", f"Unknown parameter '{name}'.", name)
         _check_uuid4(task.get("taskUUID"))
@@ -181,6 +239,7 @@ class RunwareFake(FakeProvider):
                     side,
                 )
         _check_ranges(task)
+        _check_delivery_and_safety(task)
 
     def _result(self, task: dict[str, Any], seed: int, flagged: bool) -> dict[str, Any]:
         fmt = FORMATS[task.get("outputFormat", "JPG")]
@@ -200,7 +259,7 @@ class RunwareFake(FakeProvider):
             result["imageDataURI"] = f"data:{MIME_TYPES[fmt]};base64,{encoded}"
         else:
             result["imageURL"] = self.store_file(data, MIME_TYPES[fmt], fmt)
-        if task.get("checkNSFW"):
+        if task.get("safety", {}).get("checkContent"):
             result["NSFWContent"] = flagged
         if task.get("includeCost"):
             result["cost"] = 0.0013
@@ -238,6 +297,22 @@ def _check_ranges(task: dict[str, Any]) -> None:
         raise _TaskError("invalidOutputType", "Invalid outputType.", "outputType")
     if task.get("outputFormat", "JPG") not in FORMATS:
         raise _TaskError("invalidOutputFormat", "Invalid outputFormat.", "outputFormat")
+
+
+def _check_delivery_and_safety(task: dict[str, Any]) -> None:
+    if task.get("deliveryMethod", "sync") != "sync":
+        raise _TaskError(
+            "invalidDeliveryMethod",
+            "This fake answers deliveryMethod 'sync' only.",
+            "deliveryMethod",
+        )
+    safety = task.get("safety", {})
+    if not isinstance(safety, dict):
+        raise _TaskError("invalidSafety", "safety must be an object.", "safety")
+    for name, value in safety.items():
+        kind = SAFETY_FIELDS.get(name)
+        if kind is None or not isinstance(value, kind):
+            raise _TaskError("invalidSafety", f"Invalid safety parameter '{name}'.", "safety")
 
 
 def _status_code_name(status: int) -> str:

@@ -25,6 +25,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -32,7 +33,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 GENERIC_FAULTS = {"status", "rate_limit", "delay", "blackhole", "malformed"}
 
@@ -105,7 +106,7 @@ class LoopbackServer:
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(
-            self._app, log_level="warning", access_log=False, lifespan="off", ws="none"
+            self._app, log_level="warning", access_log=False, lifespan="off", ws="auto"
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
@@ -232,7 +233,7 @@ class FakeProvider:
 
     # -- for subclasses -------------------------------------------------------------------------
 
-    def routes(self) -> list[Route]:
+    def routes(self) -> Sequence[BaseRoute]:
         raise NotImplementedError
 
     def error_response(
@@ -251,15 +252,20 @@ class FakeProvider:
         return self.error_response(429, "Rate limit reached; slow down.", headers=headers)
 
     async def record(self, request: Request) -> Call:
-        raw = await request.body()
+        return self.record_raw(
+            request.method, request.url.path, dict(request.headers), await request.body()
+        )
+
+    def record_raw(self, method: str, path: str, headers: dict[str, str], raw: bytes) -> Call:
+        """Record one request (or WebSocket message) with its body decoded when it is JSON."""
         try:
             body = json.loads(raw) if raw else None
         except json.JSONDecodeError:
             body = raw
         call = Call(
-            method=request.method,
-            path=request.url.path,
-            headers={k.lower(): v for k, v in request.headers.items()},
+            method=method,
+            path=path,
+            headers={k.lower(): v for k, v in headers.items()},
             body=body,
             at=time.monotonic(),
         )

@@ -165,3 +165,28 @@ def test_config_and_env_describe_how_to_reach_the_fake(fakes: dict[str, FakeProv
         "allow_remote": False,
     }
     assert fake.env == {"FAKE_PARASAIL_API_KEY": fake.api_key}
+
+
+@pytest.mark.parametrize(
+    ("fields", "refused"),
+    [
+        ({"deliveryMethod": "sync", "safety": {"checkContent": True}, "seed": 1}, None),
+        ({"checkNSFW": True}, "checkNSFW"),
+        ({"seed": 0}, "seed"),
+        ({"safety": {"checkNSFW": True}}, "safety"),
+        ({"deliveryMethod": "async"}, "deliveryMethod"),
+    ],
+)
+def test_the_runware_fake_speaks_the_current_task_protocol(
+    fakes: dict[str, FakeProvider], fields: dict[str, Any], refused: str | None
+) -> None:
+    fake = fakes["runware"]
+    fake.reset()
+    _, body = GENERATE["runware"]
+    response = post(fake, [body[0] | fields])
+    if refused is None:
+        assert response.status_code == 200
+        assert response.json()["data"][0]["NSFWContent"] is False
+    else:
+        assert response.status_code == 400
+        assert response.json()["errors"][0]["parameter"] == refused

@@ -16,6 +16,7 @@ from shared.providers import (
     ProviderRejectedError,
     ProviderUnsupportedError,
 )
+from shared.providers.gemini import model_resource
 from tests.fakes import FakeProvider, Fault, start_fake
 from tests.fakes.clients import fake_client
 
@@ -62,6 +63,31 @@ async def test_request_and_answer_mapping(fake: FakeProvider) -> None:
     (image,) = result.images
     assert (image.format, image.width, image.height, image.seed) == ("png", 1024, 576, 5)
     assert (result.backend, result.id) == ("gemini", "req-1")
+
+
+@pytest.mark.parametrize("configured", [MODEL, f"models/{MODEL}"])
+async def test_the_model_path_is_the_same_with_or_without_the_models_prefix(
+    fake: FakeProvider, configured: str
+) -> None:
+    async with fake_client(fake, models=[configured]) as client:
+        result = await client.generate(request(model=configured), "r")
+        report = await client.probe()
+    generate, info = fake.calls
+    assert generate.path == PATH, "models/x is sent as models/x, not models%2Fx"
+    assert info.path == f"/v1beta/models/{MODEL}"
+    assert len(result.images) == 1 and report["models"] == {configured: "available"}
+
+
+@pytest.mark.parametrize(
+    ("configured", "resource"),
+    [
+        ("tunedModels/my-tune", "tunedModels/my-tune"),
+        ("gemini-x", "models/gemini-x"),
+        ("odd/../name", "models/odd%2F..%2Fname"),
+    ],
+)
+def test_model_resources_follow_the_sdks_rules(configured: str, resource: str) -> None:
+    assert model_resource(configured) == resource
 
 
 async def test_no_size_sends_no_image_config(fake: FakeProvider) -> None:

@@ -1,6 +1,6 @@
 """OpenAI Images client against the loopback fake: mapping, streaming, retries, breaker, secrets.
 
-The fake's protocol fidelity is checked with the official `openai` SDK where it is installed.
+The fake's protocol fidelity is checked with the official `openai` SDK in `test_provider_sdks.py`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from shared.providers import (
     ProviderUnavailableError,
     ProviderUnsupportedError,
 )
-from tests.fakes import FakeProvider, Fault, make_image, start_fake
+from tests.fakes import FakeProvider, Fault, start_fake
 from tests.fakes.clients import fake_client
 
 pytestmark = pytest.mark.anyio
@@ -184,6 +184,21 @@ async def test_a_stream_that_breaks_after_200_counts_against_the_breaker(
     assert len(fake.calls) == 1, "nothing is retried once the stream was accepted"
 
 
+@pytest.mark.parametrize("shape", ["stream_error", "stream_error_wrapped"])
+async def test_an_error_event_mid_stream_keeps_its_code_in_either_shape(
+    fake: FakeProvider, shape: str
+) -> None:
+    fake.inject(Fault.special(shape, text="moderation_blocked"))
+    events: list[StepEvent | ResultEvent] = []
+    async with fake_client(fake, openai={"partial_images": 2}) as client:
+        with pytest.raises(ContentFilteredError, match="moderation_blocked") as caught:
+            async for event in client.stream(request(preview="tiny"), "r"):
+                events.append(event)
+    assert [e.event for e in events] == ["step"], "the partial before the error was relayed"
+    assert caught.value.retryable is False
+    assert len(fake.calls) == 1
+
+
 # -- retries --------------------------------------------------------------------------------------
 
 
@@ -209,7 +224,8 @@ async def test_503_503_200_succeeds_on_the_third_attempt(fake: FakeProvider) -> 
     [
         (Fault.status_code(400), ProviderRejectedError),
         (Fault.status_code(401), ProviderAuthError),
-        (Fault.status_code(403), ProviderAuthError),
+        (Fault.status_code(403), ProviderUnsupportedError),
+        (Fault.special("org_unverified"), ProviderUnsupportedError),
         (Fault.status_code(404), ProviderUnsupportedError),
         (Fault.special("quota"), ProviderQuotaError),
         (Fault.content_filter(), ContentFilteredError),
@@ -235,6 +251,22 @@ async def test_errors_carry_stable_codes_and_statuses(fake: FakeProvider) -> Non
     assert (filtered.value.code, filtered.value.status) == ("content_filtered", 422)
     assert "moderation_blocked" in filtered.value.message
     assert (quota.value.code, quota.value.status) == ("provider_quota", 503)
+
+
+async def test_a_403_keeps_openais_reason_and_a_401_stays_an_auth_error(
+    fake: FakeProvider,
+) -> None:
+    fake.inject(Fault.special("org_unverified"), Fault.status_code(401))
+    async with fake_client(fake) as client:
+        with pytest.raises(ProviderUnsupportedError) as unverified:
+            await client.generate(request(), "r")
+        with pytest.raises(ProviderAuthError) as refused:
+            await client.generate(request(), "r")
+    assert (unverified.value.status, unverified.value.code) == (400, "provider_unsupported")
+    assert "organization must be verified" in unverified.value.message
+    assert "HTTP 403" in unverified.value.message and "was refused" not in unverified.value.message
+    assert "was refused" in refused.value.message
+    assert len(fake.calls) == 2
 
 
 async def test_exhausted_retries_raise_the_last_error(fake: FakeProvider) -> None:
@@ -401,35 +433,6 @@ async def test_probe_reports_models_from_the_model_list(fake: FakeProvider) -> N
     assert report["kind"] == "openai"
     assert report["models"]["gpt-image-1"] == "available"
     assert fake.calls[0].path == "/v1/models"
-
-
-# -- fidelity of the fake, checked with the official SDK ------------------------------------------
-
-
-async def test_official_sdk_generates_streams_and_sees_errors(fake: FakeProvider) -> None:
-    openai = pytest.importorskip("openai")
-    sdk = openai.AsyncOpenAI(api_key=fake.api_key, base_url=f"{fake.url}/v1", max_retries=0)
-    answer = await sdk.images.generate(model="gpt-image-1", prompt="a cat", size="32x32", n=2)
-    assert answer.data is not None and len(answer.data) == 2
-    assert base64.b64decode(answer.data[0].b64_json or "") == make_image(32, 32, "png", 1)
-    assert answer.usage is not None and answer.usage.total_tokens > 0
-
-    stream = await sdk.images.generate(
-        model="gpt-image-1", prompt="a cat", size="32x32", stream=True, partial_images=2
-    )
-    kinds = [event.type async for event in stream]
-    assert kinds == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
-
-    with pytest.raises(openai.BadRequestError) as unknown:
-        await sdk.images.generate(model="gpt-image-1", prompt="x", extra_body={"steps": 4})
-    assert unknown.value.code == "unknown_parameter" and unknown.value.param == "steps"
-    with pytest.raises(openai.BadRequestError):
-        await sdk.images.generate(model="gpt-image-1", prompt="x", response_format="url")
-    bad_key = openai.AsyncOpenAI(api_key="sk-nope", base_url=f"{fake.url}/v1", max_retries=0)
-    with pytest.raises(openai.AuthenticationError):
-        await bad_key.images.generate(model="gpt-image-1", prompt="x")
-    await sdk.close()
-    await bad_key.close()
 
 
 async def _until(condition: Callable[[], bool], timeout_s: float = 3.0) -> None:

@@ -1,4 +1,5 @@
-"""Runware client against the loopback fake: task mapping, outputs, seeds, NSFW, errors."""
+"""Runware client against the loopback fake: task mapping, outputs, seeds, safety, retries,
+errors."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ from collections.abc import Iterator
 import pytest
 
 from shared.api.schemas import GenerateRequest
+from shared.api.vocabulary import SCHEDULER_NAMES
 from shared.providers import (
     ContentFilteredError,
     ProviderAuthError,
     ProviderRejectedError,
     ProviderTimeoutError,
+    ProviderUnsupportedError,
 )
+from shared.providers.runware import RUNWARE_SCHEDULERS
 from tests.fakes import FakeProvider, Fault, RunwareFake, start_fake
 from tests.fakes.clients import fake_client
 
@@ -75,7 +79,7 @@ async def test_task_mapping_and_seeds_returned(fake: RunwareFake) -> None:
         "numberResults": 2,
         "outputType": "base64Data",
         "outputFormat": "WEBP",
-        "checkNSFW": True,
+        "safety": {"checkContent": True},
     }
     assert result.backend == "runware"
     assert [(i.seed, i.format, i.width, i.height) for i in result.images] == [
@@ -88,9 +92,60 @@ async def test_unset_fields_are_left_out_and_the_size_defaults(fake: RunwareFake
     async with fake_client(fake, runware={"default_width": 256, "default_height": 128}) as client:
         result = await client.generate(request(width=None, height=None), "r")
     (task,) = fake.calls[0].body
-    assert {"negativePrompt", "steps", "scheduler", "seed"}.isdisjoint(task)
+    assert {"negativePrompt", "steps", "CFGScale", "scheduler", "seed"}.isdisjoint(task)
     assert (task["width"], task["height"]) == (256, 128)
     assert isinstance(result.images[0].seed, int), "Runware's own seed is reported"
+
+
+@pytest.mark.parametrize("guidance_scale", [5.0, 7.5])
+async def test_cfg_scale_is_sent_only_when_the_request_set_it(
+    fake: RunwareFake, guidance_scale: float
+) -> None:
+    defaulted = request()
+    assert defaulted.guidance_scale == 5.0, "our schema's default, which Runware must not get"
+    async with fake_client(fake) as client:
+        await client.generate(defaulted, "r")
+        await client.generate(request(guidance_scale=guidance_scale, steps=20), "r")
+    (left_to_the_model,), (asked,) = (call.body for call in fake.calls)
+    assert "CFGScale" not in left_to_the_model and "steps" not in left_to_the_model
+    assert (asked["CFGScale"], asked["steps"]) == (guidance_scale, 20)
+
+
+async def test_content_check_is_sent_as_safety_and_can_be_turned_off(fake: RunwareFake) -> None:
+    async with fake_client(fake, runware={"check_content": False}) as client:
+        result = await client.generate(request(), "r")
+    (task,) = fake.calls[0].body
+    assert {"safety", "checkNSFW"}.isdisjoint(task)
+    assert len(result.images) == 1
+
+
+async def test_seed_zero_is_refused_before_any_call_and_seed_one_is_sent(
+    fake: RunwareFake,
+) -> None:
+    async with fake_client(fake) as client:
+        with pytest.raises(ProviderUnsupportedError, match="seeds from 1") as caught:
+            await client.generate(request(seed=0), "r")
+        result = await client.generate(request(seed=1), "r")
+    assert (caught.value.status, caught.value.param) == (400, "seed")
+    (call,) = fake.calls
+    assert call.body[0]["seed"] == 1 and result.images[0].seed == 1
+    assert client.breaker_state() == "closed"
+
+
+def test_every_scheduler_of_ours_has_a_runware_name() -> None:
+    assert set(RUNWARE_SCHEDULERS) == set(SCHEDULER_NAMES)
+
+
+async def test_a_scheduler_without_a_runware_name_is_refused_by_name(
+    fake: RunwareFake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The vocabulary may grow before this table does; the gap must be a 400, not a KeyError.
+    monkeypatch.delitem(RUNWARE_SCHEDULERS, "unipc")
+    async with fake_client(fake) as client:
+        with pytest.raises(ProviderUnsupportedError, match="'unipc'") as caught:
+            await client.generate(request(scheduler="unipc"), "r")
+    assert (caught.value.status, caught.value.param) == (400, "scheduler")
+    assert fake.calls == []
 
 
 @pytest.mark.parametrize("output_type", ["URL", "dataURI"])
@@ -106,13 +161,17 @@ async def test_url_and_data_uri_outputs(fake: RunwareFake, output_type: str) -> 
         assert len(fake.calls) == 1
 
 
-async def test_retries_reuse_the_task_uuid_as_idempotency_key(fake: RunwareFake) -> None:
+async def test_every_attempt_is_a_task_with_a_fresh_task_uuid(fake: RunwareFake) -> None:
     fake.inject(Fault.status_code(500), Fault.status_code(503))
     async with fake_client(fake) as client:
-        await client.generate(request(), "r")
+        result = await client.generate(request(), "r")
     uuids = [call.body[0]["taskUUID"] for call in fake.calls]
-    assert len(uuids) == 3 and len(set(uuids)) == 1
-    assert fake.task_uuids == uuids[-1:]
+    assert len(uuids) == 3 and len(set(uuids)) == 3
+    assert all(uuid.UUID(value).version == 4 for value in uuids)
+    assert fake.task_uuids == uuids[-1:], "the answer is matched to the last attempt's task"
+    assert len(result.images) == 1
+    tasks = [{k: v for k, v in call.body[0].items() if k != "taskUUID"} for call in fake.calls]
+    assert tasks[0] == tasks[1] == tasks[2], "only the taskUUID changes between attempts"
 
 
 async def test_nsfw_flag_is_content_filtered_not_a_black_image(fake: RunwareFake) -> None:
