@@ -31,7 +31,7 @@ from shared.api.routes import (
 )
 from shared.api.schemas import GenerateRequest, GenerateResponse, ModelCard, ResultEvent
 from shared.api.validation import check_remote_request, parse_request, resolve_request
-from shared.config import AppConfig, LimitsConfig, ModelConfig
+from shared.config import AppConfig, LimitsConfig, ModelConfig, OpenAIImagesConfig
 from shared.errors import BusyError, InvalidRequestError, ServeError, UnavailableError
 from shared.providers.config import ProviderConfigBase
 
@@ -127,6 +127,10 @@ class Router:
     @property
     def limits(self) -> LimitsConfig:
         return self._config.limits
+
+    @property
+    def openai_images(self) -> OpenAIImagesConfig:
+        return self._config.openai_images
 
     async def generate_response(
         self, request: GenerateRequest, request_id: str

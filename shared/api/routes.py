@@ -10,6 +10,8 @@ No `from __future__ import annotations` here: Ray pickles the app by value, and 
 resolve the route signatures from real objects, not strings.
 """
 
+import copy
+import json
 import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -23,6 +25,13 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared.api.openai_images import (
+    ImagesGenerationRequest,
+    PartialImages,
+    images_response,
+    parse_images_request,
+    to_generate_request,
+)
 from shared.api.schemas import (
     ErrorBody,
     ErrorEnvelope,
@@ -36,7 +45,7 @@ from shared.api.schemas import (
 )
 from shared.api.validation import parse_body, parse_request
 from shared.api.wire import NDJSON, SSE, encode_event, pick_stream_type
-from shared.config import LimitsConfig
+from shared.config import LimitsConfig, OpenAIImagesConfig
 from shared.errors import (
     BusyError,
     InvalidRequestError,
@@ -64,6 +73,9 @@ class Backend(Protocol):
 
     @property
     def limits(self) -> LimitsConfig: ...
+
+    @property
+    def openai_images(self) -> OpenAIImagesConfig: ...
 
     async def generate_response(
         self, request: GenerateRequest, request_id: str
@@ -252,6 +264,50 @@ async def encode_stream(
         await rest.aclose()
 
 
+def _openai_sse(payload: dict[str, Any]) -> str:
+    return f"event: {payload['type']}\ndata: {json.dumps(payload)}\n\n"
+
+
+async def encode_openai_stream(
+    first: Event,
+    rest: AsyncGenerator[Event, None],
+    request: ImagesGenerationRequest,
+    request_id: str,
+) -> AsyncIterator[str]:
+    """Our events as OpenAI's image-generation SSE events; a failure is OpenAI's error event."""
+    partials = PartialImages(request)
+
+    async def events() -> AsyncIterator[Event]:
+        yield first
+        async for event in rest:
+            yield event
+
+    try:
+        async for event in events():
+            if isinstance(event, StepEvent):
+                payloads = partials.events(event)
+            elif isinstance(event, ResultEvent):
+                payloads = partials.completed(event)
+            elif isinstance(event, ErrorEvent):
+                payloads = [{"type": "error", "error": event.error.model_dump()}]
+            else:
+                payloads = []  # queued: OpenAI's stream has no such event
+            for payload in payloads:
+                yield _openai_sse(payload)
+    except Exception as exc:
+        error = to_serve_error(exc, request_id)
+        yield _openai_sse({"type": "error", "error": error.to_dict()})
+    finally:
+        await rest.aclose()
+
+
+def as_openai_error(error: InvalidRequestError) -> ServeError:
+    """OpenAI answers a request that breaks a rule with 400, where our own API says 422."""
+    openai_error = copy.copy(error)
+    openai_error.status = 400
+    return openai_error
+
+
 # ---- OpenAPI ---------------------------------------------------------------------------------
 
 
@@ -300,6 +356,7 @@ _GENERATE_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 _DOCUMENTED = (
     GenerateRequest,
+    ImagesGenerationRequest,
     GenerateResponse,
     QueuedEvent,
     StepEvent,
@@ -379,6 +436,49 @@ def build_api(
         return StreamingResponse(
             encode_stream(first, events, media_type, request_id),
             media_type=media_type,
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+        )
+
+    @app.post(
+        "/v1/images/generations",
+        summary="Generate images (OpenAI's Images API)",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref(ImagesGenerationRequest)}},
+            }
+        },
+        responses={
+            200: {
+                "description": "OpenAI's ImagesResponse, or with `stream: true` its SSE events "
+                "(`image_generation.partial_image`, `image_generation.completed`)."
+            },
+            **_errors(400, 404, 413, 415, 429, 500, 503),
+        },
+        response_class=JSONResponse,
+    )
+    async def images_generations(
+        request: Request, backend: Backend = backend_dependency
+    ) -> Response:
+        request_id = request_id_of(request)
+        try:
+            body = await read_json_body(request, backend.limits.max_body_bytes)
+            images_request = parse_images_request(body)
+            generate_request = to_generate_request(images_request, backend.openai_images)
+            if not images_request.stream:
+                response = await backend.generate_response(generate_request, request_id)
+                return JSONResponse(images_response(images_request, response))
+            events = backend.stream_events(generate_request, request_id)
+            try:
+                first = await anext(events)
+            except BaseException:
+                await events.aclose()
+                raise
+        except InvalidRequestError as exc:
+            raise as_openai_error(exc) from None
+        return StreamingResponse(
+            encode_openai_stream(first, events, images_request, request_id),
+            media_type=SSE,
             headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
         )
 

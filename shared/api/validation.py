@@ -10,7 +10,7 @@ import json
 import secrets
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from shared.api.schemas import GenerateRequest
 from shared.config import LimitsConfig, ModelConfig
@@ -40,15 +40,18 @@ def parse_request(data: dict[str, Any] | GenerateRequest) -> GenerateRequest:
     try:
         return GenerateRequest.model_validate(data)
     except ValidationError as exc:
-        raise _from_validation_error(exc) from None
+        raise from_validation_error(exc) from None
 
 
-def _from_validation_error(exc: ValidationError) -> InvalidRequestError:
+def from_validation_error(
+    exc: ValidationError, model: type[BaseModel] = GenerateRequest
+) -> InvalidRequestError:
+    """pydantic's first error as our picklable one, naming the field and what is allowed."""
     first = exc.errors(include_url=False)[0]
     param = ".".join(str(part) for part in first["loc"]) or None
     kind = first["type"]
     if kind == "extra_forbidden":
-        allowed = ", ".join(GenerateRequest.model_fields)
+        allowed = ", ".join(model.model_fields)
         return InvalidRequestError(
             f"unknown field {param!r}; allowed fields: {allowed}", code="unknown_field", param=param
         )

@@ -10,6 +10,7 @@ from shared.config.app import (
     CacheConfig,
     EncoderConfig,
     EngineConfig,
+    OpenAIImagesConfig,
 )
 from shared.config.deployment import AutoscalingConfig, DeploymentOptions
 from shared.config.models import LimitsConfig, ModelConfig
@@ -24,4 +25,5 @@ __all__ = [
     "EngineConfig",
     "LimitsConfig",
     "ModelConfig",
+    "OpenAIImagesConfig",
 ]

@@ -63,6 +63,19 @@ class EngineConfig(StrictConfig):
         }
 
 
+class OpenAIImagesConfig(StrictConfig):
+    """`POST /v1/images/generations`: how OpenAI's `quality` maps onto denoising steps."""
+
+    quality_steps: dict[str, int] = Field(
+        default_factory=lambda: {"low": 15, "medium": 25, "high": 40},
+        description="Steps per `quality` (low, medium, high, standard, hd); other qualities "
+        "take `default_steps`.",
+    )
+    default_steps: int = Field(
+        30, ge=1, le=1000, description="Steps for `quality: auto` or an unlisted quality."
+    )
+
+
 class CacheConfig(StrictConfig):
     capacity_bytes: int = Field(
         64 * 1024**3, ge=1, description="Object-store bytes held before LRU eviction."
@@ -91,6 +104,9 @@ class AppConfig(StrictConfig):
         default_factory=BatchingConfig, description="SDXLPipeline's step batcher."
     )
     engine: EngineConfig = Field(default_factory=EngineConfig, description="UNet fast paths.")
+    openai_images: OpenAIImagesConfig = Field(
+        default_factory=OpenAIImagesConfig, description="OpenAI's Images API."
+    )
     router_deployment: DeploymentOptions = _options(num_cpus=0.1, max_ongoing_requests=64)
     encoder_deployment: DeploymentOptions = _options(num_cpus=0.1, max_ongoing_requests=32)
     # Requests a replica takes at once: its step batcher serves them together.

@@ -20,7 +20,7 @@ from shared.api.schemas import (
     StepEvent,
     Timings,
 )
-from shared.config import LimitsConfig
+from shared.config import LimitsConfig, OpenAIImagesConfig
 from shared.errors import (
     BusyError,
     InvalidRequestError,
@@ -47,6 +47,7 @@ class FakeBackend:
         self.failure = failure
         self.mid_stream = mid_stream
         self.limits = LimitsConfig(max_body_bytes=4096)
+        self.openai_images = OpenAIImagesConfig()
         self.seen: list[tuple[str, str]] = []  # (method, request id)
         self.closed_streams = 0
 

@@ -1,0 +1,204 @@
+"""OpenAI's Images API on top of our contract: `POST /v1/images/generations` requests become a
+`GenerateRequest`, and our events become OpenAI's answer or its SSE stream
+(`image_generation.partial_image` from step previews at evenly spaced steps, then
+`image_generation.completed`), so the official `openai` SDK works unchanged. Torch-free.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import time
+from typing import Any, Literal
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shared.api.schemas import GenerateRequest, GenerateResponse, StepEvent
+from shared.api.validation import from_validation_error
+from shared.api.vocabulary import ImageFormat, SchedulerName
+from shared.config import OpenAIImagesConfig
+from shared.errors import InvalidRequestError
+from shared.imaging import encode_image
+
+Quality = Literal["low", "medium", "high", "auto", "standard", "hd"]
+SIZE = re.compile(r"^(\d{2,5})x(\d{2,5})$")
+
+
+class ImagesGenerationRequest(BaseModel):
+    """The body of `POST /v1/images/generations`: OpenAI's fields plus our own knobs, which
+    the SDK sends as `extra_body`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=200, description="Model id from /v1/models.")
+    prompt: str = Field(min_length=1, description="What to draw.")
+    n: int = Field(default=1, ge=1, le=64, description="Number of images.")
+    size: str = Field(default="auto", description="`WIDTHxHEIGHT`, or `auto` (the model's).")
+    quality: Quality = Field(default="auto", description="Steps preset (`openai_images` config).")
+    output_format: ImageFormat = Field(default="png", description="Encoding of the images.")
+    output_compression: int | None = Field(
+        default=None, ge=0, le=100, description="JPEG/WebP quality, 0-100."
+    )
+    response_format: Literal["b64_json", "url"] | None = Field(
+        default=None, description="Only `b64_json`: this server keeps no image files."
+    )
+    background: Literal["transparent", "opaque", "auto"] | None = Field(
+        default=None, description="`opaque` or `auto`; SDXL cannot make transparent images."
+    )
+    moderation: Literal["low", "auto"] | None = Field(default=None, description="Accepted.")
+    user: str | None = Field(default=None, max_length=256, description="Accepted, not stored.")
+    safety_identifier: str | None = Field(default=None, max_length=256, description="Accepted.")
+    style: Literal["vivid", "natural"] | None = Field(default=None, description="Accepted.")
+    stream: bool = Field(default=False, description="Stream partial images as SSE.")
+    partial_images: int = Field(default=0, ge=0, le=3, description="Partial images streamed.")
+    negative_prompt: str | None = Field(default=None, description="What to steer away from.")
+    seed: int | None = Field(default=None, ge=0, lt=2**63, description="Seed of the first image.")
+    steps: int | None = Field(default=None, description="Denoising steps; overrides quality.")
+    guidance_scale: float | None = Field(default=None, description="Classifier-free guidance.")
+    scheduler: SchedulerName | None = Field(default=None, description="Sampler name.")
+
+
+def parse_images_request(body: dict[str, Any]) -> ImagesGenerationRequest:
+    try:
+        return ImagesGenerationRequest.model_validate(body)
+    except ValidationError as exc:
+        raise from_validation_error(exc, ImagesGenerationRequest) from None
+
+
+def to_generate_request(
+    request: ImagesGenerationRequest, config: OpenAIImagesConfig
+) -> GenerateRequest:
+    """Our request for an OpenAI one; what we cannot honour is refused, never ignored."""
+    if request.background == "transparent":
+        raise InvalidRequestError(
+            "background 'transparent' is not supported: SDXL makes opaque images; use 'opaque' "
+            "or 'auto'",
+            code="unsupported_value",
+            param="background",
+        )
+    if request.response_format == "url":
+        raise InvalidRequestError(
+            "response_format 'url' is not supported: this server returns images inline; use "
+            "'b64_json'",
+            code="unsupported_value",
+            param="response_format",
+        )
+    width, height = _size(request.size)
+    steps = request.steps or config.quality_steps.get(request.quality, config.default_steps)
+    fields: dict[str, Any] = {
+        "model": request.model,
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt,
+        "width": width,
+        "height": height,
+        "steps": steps,
+        "seed": request.seed,
+        "scheduler": request.scheduler,
+        "n": request.n,
+        "output_format": request.output_format,
+        "stream": request.stream,
+    }
+    if request.guidance_scale is not None:
+        fields["guidance_scale"] = request.guidance_scale
+    if request.stream and request.partial_images:
+        # A preview at `partial_images` evenly spaced steps before the last one.
+        fields["preview"] = "full"
+        fields["preview_every"] = max(1, steps // (request.partial_images + 1))
+    return GenerateRequest(**fields)
+
+
+def _size(size: str) -> tuple[int | None, int | None]:
+    if size == "auto":
+        return None, None
+    match = SIZE.match(size)
+    if match is None:
+        raise InvalidRequestError(
+            f"size must be 'auto' or WIDTHxHEIGHT like '1024x1024'; got {size!r}", param="size"
+        )
+    return int(match.group(1)), int(match.group(2))
+
+
+def _encode(b64: str, request: ImagesGenerationRequest) -> str:
+    """An image in the requested format and compression (previews arrive as JPEG)."""
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    quality = request.output_compression if request.output_compression is not None else 90
+    return encode_image(image, request.output_format, quality=quality)
+
+
+def _common(request: ImagesGenerationRequest, width: int, height: int) -> dict[str, Any]:
+    return {
+        "size": f"{width}x{height}",
+        "quality": request.quality if request.quality in ("low", "medium", "high") else "auto",
+        "background": "opaque",
+        "output_format": request.output_format,
+    }
+
+
+# This server does not count tokens: OpenAI's usage block is present (the SDK's types expect
+# it) and says zero.
+NO_USAGE = {
+    "input_tokens": 0,
+    "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
+    "output_tokens": 0,
+    "total_tokens": 0,
+}
+
+
+def images_response(request: ImagesGenerationRequest, response: GenerateResponse) -> dict[str, Any]:
+    """OpenAI's `ImagesResponse` for a finished generation."""
+    first = response.images[0]
+    needs_encoding = request.output_compression is not None
+    return {
+        "created": int(time.time()),
+        "data": [
+            {
+                "b64_json": _encode(image.b64, request) if needs_encoding else image.b64,
+                "revised_prompt": request.prompt,
+            }
+            for image in response.images
+        ],
+        **_common(request, first.width, first.height),
+        "usage": NO_USAGE,
+    }
+
+
+class PartialImages:
+    """Turns our step events into OpenAI's partial-image events: at most `partial_images`,
+    from the previews of steps before the last."""
+
+    def __init__(self, request: ImagesGenerationRequest) -> None:
+        self.request = request
+        self.sent = 0
+
+    def events(self, step: StepEvent) -> list[dict[str, Any]]:
+        if not step.previews or step.index >= step.total:
+            return []
+        out = []
+        for preview in step.previews:
+            if self.sent >= self.request.partial_images:
+                break
+            out.append(
+                {
+                    "type": "image_generation.partial_image",
+                    "b64_json": _encode(preview.b64, self.request),
+                    "created_at": int(time.time()),
+                    "partial_image_index": self.sent,
+                    **_common(self.request, preview.width, preview.height),
+                }
+            )
+            self.sent += 1
+        return out
+
+    def completed(self, response: GenerateResponse) -> list[dict[str, Any]]:
+        return [
+            {
+                "type": "image_generation.completed",
+                "b64_json": _encode(image.b64, self.request),
+                "created_at": int(time.time()),
+                "usage": NO_USAGE,
+                **_common(self.request, image.width, image.height),
+            }
+            for image in response.images
+        ]
