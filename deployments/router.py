@@ -103,6 +103,7 @@ class Router:
         self._cache = cache
         self._providers = providers or {}
         self._checkpoint_sizes: dict[str, tuple[int, int]] = {}
+        self._api_keys = config.auth.load_keys()
 
     # ---- handle API (other Ray apps) ------------------------------------------------------
 
@@ -131,6 +132,10 @@ class Router:
     @property
     def openai_images(self) -> OpenAIImagesConfig:
         return self._config.openai_images
+
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        return self._api_keys
 
     async def generate_response(
         self, request: GenerateRequest, request_id: str

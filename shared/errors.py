@@ -65,6 +65,14 @@ class UnsupportedMediaTypeError(ServeError):
     default_code = "unsupported_media_type"
 
 
+class AuthenticationError(ServeError):
+    """No API key, or not one of the configured keys (401)."""
+
+    status = 401
+    type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
 class NotFoundError(ServeError):
     status = 404
     type = "not_found_error"

@@ -11,6 +11,7 @@ resolve the route signatures from real objects, not strings.
 """
 
 import copy
+import hmac
 import json
 import logging
 import uuid
@@ -47,6 +48,7 @@ from shared.api.validation import parse_body, parse_request
 from shared.api.wire import NDJSON, SSE, encode_event, pick_stream_type
 from shared.config import LimitsConfig, OpenAIImagesConfig
 from shared.errors import (
+    AuthenticationError,
     BusyError,
     InvalidRequestError,
     MethodNotAllowedError,
@@ -76,6 +78,11 @@ class Backend(Protocol):
 
     @property
     def openai_images(self) -> OpenAIImagesConfig: ...
+
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        """Accepted Bearer keys; empty when authentication is off."""
+        ...
 
     async def generate_response(
         self, request: GenerateRequest, request_id: str
@@ -121,6 +128,8 @@ def to_serve_error(exc: BaseException, request_id: str) -> ServeError:
 
 def error_response(error: ServeError) -> JSONResponse:
     headers = {}
+    if isinstance(error, AuthenticationError):
+        headers["www-authenticate"] = "Bearer"
     if isinstance(error, BusyError):
         headers["retry-after"] = str(BUSY_RETRY_AFTER_S)
     return JSONResponse({"error": error.to_dict()}, status_code=error.status, headers=headers)
@@ -222,6 +231,19 @@ def install_error_mapping(app: FastAPI, host_request_id: Callable[[], str] | Non
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_middleware(RequestIdMiddleware, host_request_id=host_request_id)
+
+
+def check_api_key(request: Request, keys: tuple[str, ...]) -> None:
+    """Refuse a request without one of `keys` as its Bearer token. Every key is compared, in
+    constant time, so the answer's timing says nothing about how close a guess was."""
+    if not keys:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given.strip().encode(), key.encode())
+    if scheme.lower() != "bearer" or not matched:
+        raise AuthenticationError("a valid API key is required: send `Authorization: Bearer <key>`")
 
 
 # ---- body intake and stream encoding ---------------------------------------------------------
@@ -406,7 +428,15 @@ def build_api(
         redoc_url=None,
     )
     install_error_mapping(app, host_request_id)
-    backend_dependency = Depends(get_backend)
+
+    async def authorized(request: Request) -> Backend:
+        backend = get_backend()
+        check_api_key(request, backend.api_keys)
+        return backend
+
+    # Every /v1/ route takes its backend through this: no route can forget the key check.
+    backend_dependency = Depends(authorized)
+    open_backend = Depends(get_backend)  # health and readiness: probes carry no key
 
     @app.post(
         "/v1/generate",
@@ -495,7 +525,7 @@ def build_api(
         summary="Readiness: 200 when every backend answers and a model can be served",
         responses={503: {"description": "Not ready; the body says which backend or models."}},
     )
-    async def readyz(backend: Backend = backend_dependency) -> JSONResponse:
+    async def readyz(backend: Backend = open_backend) -> JSONResponse:
         report = await backend.readiness()
         return JSONResponse(report, status_code=200 if report["ready"] else 503)
 

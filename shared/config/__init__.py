@@ -6,6 +6,7 @@ sections live in the submodules and are re-exported here.
 
 from shared.config.app import (
     AppConfig,
+    AuthConfig,
     BatchingConfig,
     CacheConfig,
     EncoderConfig,
@@ -17,6 +18,7 @@ from shared.config.models import LimitsConfig, ModelConfig
 
 __all__ = [
     "AppConfig",
+    "AuthConfig",
     "AutoscalingConfig",
     "BatchingConfig",
     "CacheConfig",

@@ -76,6 +76,37 @@ class OpenAIImagesConfig(StrictConfig):
     )
 
 
+class AuthConfig(StrictConfig):
+    """API keys: with either source set, every `/v1/` route wants `Authorization: Bearer KEY`
+    (OpenAI's header, so the SDK's `api_key` works); health, readiness and docs stay open."""
+
+    api_keys_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Environment variable holding the keys, comma-separated (set it on the "
+        "Router with runtime_env env_vars).",
+    )
+    api_keys_file: str | None = Field(
+        None, min_length=1, description="A file on the Router's node with one key per line."
+    )
+
+    def load_keys(self) -> tuple[str, ...]:
+        """The configured keys; an empty tuple means authentication is off. A configured but
+        empty source fails loudly: an operator who asked for keys must not get an open API."""
+        import os
+        from pathlib import Path
+
+        keys: list[str] = []
+        if self.api_keys_env is not None:
+            keys += [k.strip() for k in os.environ.get(self.api_keys_env, "").split(",")]
+        if self.api_keys_file is not None:
+            keys += [k.strip() for k in Path(self.api_keys_file).read_text().splitlines()]
+        keys = [key for key in keys if key and not key.startswith("#")]
+        if (self.api_keys_env or self.api_keys_file) and not keys:
+            raise ValueError("auth is configured but no API key was found in its source")
+        return tuple(keys)
+
+
 class CacheConfig(StrictConfig):
     capacity_bytes: int = Field(
         64 * 1024**3, ge=1, description="Object-store bytes held before LRU eviction."
@@ -107,6 +138,7 @@ class AppConfig(StrictConfig):
     openai_images: OpenAIImagesConfig = Field(
         default_factory=OpenAIImagesConfig, description="OpenAI's Images API."
     )
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys (off if unset).")
     router_deployment: DeploymentOptions = _options(num_cpus=0.1, max_ongoing_requests=64)
     encoder_deployment: DeploymentOptions = _options(num_cpus=0.1, max_ongoing_requests=32)
     # Requests a replica takes at once: its step batcher serves them together.

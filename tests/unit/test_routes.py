@@ -4,15 +4,20 @@ stream's final `error` event; and the OpenAPI document."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any
 
 import httpx
+import openai
 import pytest
+from PIL import Image
 
 from shared.api.routes import Event, build_api
 from shared.api.schemas import (
+    GeneratedImage,
     GenerateRequest,
     GenerateResponse,
     ModelCard,
@@ -43,7 +48,13 @@ class FakeBackend:
     """A backend that answers, or raises `failure` from every method (before any event, or
     after the first step when `mid_stream`)."""
 
-    def __init__(self, failure: BaseException | None = None, mid_stream: bool = False) -> None:
+    def __init__(
+        self,
+        failure: BaseException | None = None,
+        mid_stream: bool = False,
+        api_keys: tuple[str, ...] = (),
+    ) -> None:
+        self.api_keys = api_keys
         self.failure = failure
         self.mid_stream = mid_stream
         self.limits = LimitsConfig(max_body_bytes=4096)
@@ -86,7 +97,14 @@ class FakeBackend:
 
 
 def _result(request_id: str) -> ResultEvent:
-    return ResultEvent(id=request_id, model="tiny", backend="local", images=[], timings=Timings())
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buffer, format="PNG")
+    image = GeneratedImage(
+        b64=base64.b64encode(buffer.getvalue()).decode(), format="png", width=8, height=8, seed=1
+    )
+    return ResultEvent(
+        id=request_id, model="tiny", backend="local", images=[image], timings=Timings()
+    )
 
 
 async def client_for(backend: FakeBackend) -> AsyncIterator[httpx.AsyncClient]:
@@ -269,3 +287,55 @@ def _refs(node: Any) -> Iterator[str]:
     elif isinstance(node, list):
         for value in node:
             yield from _refs(value)
+
+
+async def test_api_keys_guard_every_v1_route_but_not_the_probes() -> None:
+    backend = FakeBackend(api_keys=("key-one", "key-two"))
+    async for client in client_for(backend):
+        guarded = [route for route in ROUTES.values() if route[1].startswith("/v1/")]
+        for method, path, body in guarded:
+            for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "key-one"}):
+                refused = await client.request(method, path, json=body, headers=headers)
+                assert_envelope(refused, 401, "authentication_error", "invalid_api_key")
+                assert refused.headers["www-authenticate"] == "Bearer"
+                assert "key-one" not in refused.text
+        ok = await client.post(
+            "/v1/generate", json=BODY, headers={"authorization": "Bearer key-two"}
+        )
+        assert ok.status_code == 200
+        assert (await client.get("/healthz")).status_code == 200
+        assert (await client.get("/readyz")).status_code == 200
+        assert (await client.get("/openapi.json")).status_code == 200
+    assert [method for method, _ in backend.seen] == ["generate"]  # refused ones never got in
+
+
+async def test_the_openai_sdk_authenticates_with_its_api_key() -> None:
+    backend = FakeBackend(api_keys=("sk-local",))
+    app = build_api(lambda: backend)
+
+    def sdk(key: str) -> openai.AsyncOpenAI:
+        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+        return openai.AsyncOpenAI(
+            base_url="http://test/v1", api_key=key, http_client=http, max_retries=0
+        )
+
+    result = await sdk("sk-local").images.generate(model="tiny", prompt="a cat", size="64x64")
+    assert result.data is not None and result.data[0].b64_json
+    with pytest.raises(openai.AuthenticationError) as refused:
+        await sdk("sk-other").images.generate(model="tiny", prompt="a cat")
+    assert refused.value.code == "invalid_api_key"
+
+
+def test_configured_but_empty_key_sources_fail_loudly(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shared.config import AuthConfig
+
+    monkeypatch.setenv("DS_KEYS", " alpha , beta ")
+    (tmp_path / "keys").write_text("# operators\ngamma\n\n")
+    config = AuthConfig(api_keys_env="DS_KEYS", api_keys_file=str(tmp_path / "keys"))
+    assert config.load_keys() == ("alpha", "beta", "gamma")
+    assert AuthConfig().load_keys() == ()
+    monkeypatch.setenv("DS_KEYS", "")
+    with pytest.raises(ValueError, match="no API key"):
+        AuthConfig(api_keys_env="DS_KEYS").load_keys()
