@@ -21,6 +21,7 @@ reading the local folder.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -33,7 +34,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from benchmarks.common import denoise_job, print_table, save, summarize
+from benchmarks.common import denoise_job, machine_info, save, summarize
 
 EXTRA = {"taesd": "taesd"}
 ENGINE_FOLDERS = ("unet", "vae", "taesd")
@@ -72,8 +73,18 @@ def replica_class() -> Any:
         """A fresh process that starts like an SDXLPipeline/ClipEncoder replica and times it."""
 
         def __init__(self) -> None:
-            import deployments.encoder
-            import deployments.sdxl  # noqa: F401
+            # What a replica has imported by the time it loads a model: the deployments, and
+            # the engine stack their constructors import (diffusers' and transformers' model
+            # classes load lazily, so touch them too).
+            import diffusers
+            import transformers
+
+            import shared.engine.build  # noqa: F401
+
+            for name in ("UNet2DConditionModel", "AutoencoderKL", "AutoencoderTiny"):
+                getattr(diffusers, name)
+            for name in ("CLIPTextModel", "CLIPTextModelWithProjection", "CLIPTokenizer"):
+                getattr(transformers, name)
 
         def memory(self) -> tuple[int, int]:
             import psutil
@@ -87,22 +98,37 @@ def replica_class() -> Any:
             With `embeddings` given, only the engine is built (what an SDXLPipeline replica
             holds); otherwise the text encoders too, and the prompt is encoded here.
             """
+            import resource
+
             from shared.engine.build import build_engine, build_prompt_encoder
 
-            started = time.perf_counter()
+            marks = [(time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF))]
+
+            def mark() -> None:
+                marks.append((time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)))
+
             names = ENGINE_COMPONENTS if embeddings is not None else None
             components = fetch(source, names)
+            mark()
             encoder = build_prompt_encoder(components) if embeddings is None else None
             self.engine = build_engine(components, "float32", "cpu")
-            ready = time.perf_counter()
+            mark()
             if encoder is not None:
                 (embeddings,) = encoder.encode([(PROMPT, None)])
             self.engine.run(denoise_job(embeddings, steps=2), lambda event: None, lambda: False)
-            done = time.perf_counter()
-            return {
-                "weights ready": (ready - started) * 1000,
-                "first image": (done - started) * 1000,
+            mark()
+            timings = {
+                "weights ready": (marks[2][0] - marks[0][0]) * 1000,
+                "first image": (marks[3][0] - marks[0][0]) * 1000,
             }
+            # Where the time goes: wall, user and system CPU, and page faults of each stage.
+            stages = ("fetch", "build", "first image")
+            for stage, (a, b) in zip(stages, itertools.pairwise(marks), strict=True):
+                timings[f"{stage}: wall ms"] = (b[0] - a[0]) * 1000
+                timings[f"{stage}: user ms"] = (b[1].ru_utime - a[1].ru_utime) * 1000
+                timings[f"{stage}: sys ms"] = (b[1].ru_stime - a[1].ru_stime) * 1000
+                timings[f"{stage}: minor faults"] = float(b[1].ru_minflt - a[1].ru_minflt)
+            return timings
 
     return Replica
 
@@ -112,7 +138,7 @@ def measure_starts(source: Source, runs: int, warmup: int) -> dict[str, list[flo
     import ray
 
     replica_cls = replica_class()
-    samples: dict[str, list[float]] = {"weights ready": [], "first image": []}
+    samples: dict[str, list[float]] = {}
     for run in range(warmup + runs):
         replica = replica_cls.remote()
         try:
@@ -122,7 +148,7 @@ def measure_starts(source: Source, runs: int, warmup: int) -> dict[str, list[flo
             ray.kill(replica)
         if run >= warmup:
             for phase, ms in timings.items():
-                samples[phase].append(ms)
+                samples.setdefault(phase, []).append(ms)
     return samples
 
 
@@ -179,6 +205,23 @@ def replica_memory(refs: dict[str, Any], model_dir: Path) -> dict[str, dict[str,
         for replica in replicas:
             ray.kill(replica)
     return results
+
+
+def print_spread(title: str, rows: dict[str, dict[str, float]], baseline: str) -> None:
+    base = rows[baseline]["p50"]
+    print(f"\n{title}")
+    print(f"{'path':<24}{'p50 ms':>10}{'min-max ms':>18}{'x ' + baseline:>18}")
+    for name, row in rows.items():
+        spread = f"{row['min']:.0f}-{row['max']:.0f}"
+        print(f"{name:<24}{row['p50']:>10.0f}{spread:>18}{row['p50'] / base:>18.2f}")
+
+
+def print_stages(stages: dict[str, dict[str, float]]) -> None:
+    """p50 of each stage's wall, user and system time and page faults, per path."""
+    print("\nwhere a start's time goes (p50 per stage)")
+    for path, values in stages.items():
+        cells = ", ".join(f"{key} {value:.0f}" for key, value in values.items())
+        print(f"  {path}: {cells}")
 
 
 def print_memory(memory: dict[str, dict[str, float]], engine_bytes: int) -> None:
@@ -239,9 +282,18 @@ def main() -> None:
         phase: {path: summarize(by_phase[phase]) for path, by_phase in samples.items()}
         for phase in ("weights ready", "first image")
     }
+    machine = machine_info()
     for phase, rows in phases.items():
-        title = f"replica start to {phase}, `{preset}` preset ({nbytes / 1e6:.0f} MB), CPU"
-        print_table(title, rows, baseline="object store")
+        title = (
+            f"replica start to {phase}, `{preset}` preset ({nbytes / 1e6:.0f} MB), "
+            f"{machine['cpus']} CPUs ({machine['processor'] or machine['machine']})"
+        )
+        print_spread(title, rows, baseline="object store")
+    stages = {
+        path: {key: summarize(values)["p50"] for key, values in by_phase.items() if ":" in key}
+        for path, by_phase in samples.items()
+    }
+    print_stages(stages)
     print_memory(memory, engine_bytes)
 
     name = "cold_start_smoke" if args.smoke else "cold_start"
@@ -253,7 +305,12 @@ def main() -> None:
         "warmup": warmup,
         "first_image": "64x64, 2 steps, 1 prompt",
     }
-    extra = {"first_image": phases["first image"], "replica_memory": memory}
+    extra = {
+        "first_image": phases["first image"],
+        "stages_p50": stages,
+        "samples": samples,
+        "replica_memory": memory,
+    }
     path = save(
         name,
         config,

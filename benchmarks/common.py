@@ -82,6 +82,8 @@ def summarize(samples: list[float]) -> dict[str, float]:
         "p95": pct(0.95),
         "p99": pct(0.99),
         "mean": statistics.fmean(ordered),
+        "min": ordered[0],
+        "max": ordered[-1],
         "n": len(ordered),
     }
 

@@ -99,6 +99,11 @@ def _module_keys(module: torch.nn.Module, weights: ComponentWeights) -> dict[str
         return {key: key for key in weights.tensors}
     model = cast("transformers.PreTrainedModel", module)
     expected, prefix = model.state_dict(), model.base_model_prefix
+    if all(key in expected for key in weights.tensors):
+        # Nothing to rename (SDXL's CLIP checkpoints saved by a current transformers): skip
+        # building transformers' conversion tables, a few hundred ms of regex compilation in
+        # every fresh replica process.
+        return {key: key for key in weights.tensors}
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import (
