@@ -71,7 +71,10 @@ class _EventSink:
         return self.flag.is_set()
 
     def _put(self, item: Any) -> None:
-        self._loop.call_soon_threadsafe(self.events.put_nowait, item)
+        try:
+            self._loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:  # the replica's loop is closed (shutting down): nobody listens
+            self.flag.set()
 
 
 def _replica_id() -> str:

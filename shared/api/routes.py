@@ -16,12 +16,14 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -60,6 +62,7 @@ from shared.errors import (
 )
 
 logger = logging.getLogger("ray.serve")
+STATIC = Path(__file__).resolve().parent / "static"
 Event = QueuedEvent | StepEvent | ResultEvent | ErrorEvent
 REQUEST_ID_HEADER = "x-request-id"
 BUSY_RETRY_AFTER_S = 1
@@ -515,6 +518,13 @@ def build_api(
     @app.get("/v1/models", summary="List models", responses=_errors(500, 503))
     async def models(backend: Backend = backend_dependency) -> ModelList:
         return ModelList(data=await backend.list_models())
+
+    # The web page: static files, no build step, nothing fetched from anywhere else.
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
 
     @app.get("/healthz", summary="Liveness")
     async def healthz() -> dict[str, str]:

@@ -148,13 +148,20 @@ class StepBatcher:
             admitted = self._next_admissions()
             if admitted is None:
                 break
-            self._start(admitted)
-            self._drop_cancelled()
-            self._step_groups()
-            self._retire()
-            with self._cond:
-                self._plan = [(r.images, r.steps_left) for r in self._live()]
+            try:
+                self._iterate(admitted)
+            except Exception:  # a bug must fail the requests in flight, never strand them
+                logger.exception("the step batcher's loop failed; failing its requests")
+                self._fail_running(ServeError("internal error in the step batcher"))
         self._fail_all(UnavailableError("this replica shut down before the request finished"))
+
+    def _iterate(self, admitted: list[_Request]) -> None:
+        self._start(admitted)
+        self._drop_cancelled()
+        self._step_groups()
+        self._retire()
+        with self._cond:
+            self._plan = [(r.images, r.steps_left) for r in self._live()]
 
     def _next_admissions(self) -> list[_Request] | None:
         with self._cond:
@@ -254,6 +261,13 @@ class StepBatcher:
                 self._active.remove(request)
         request.state = None
         request.sink.finish(outcome)
+
+    def _fail_running(self, error: ServeError) -> None:
+        with self._cond:
+            running = list(self._active)
+            self._active.clear()
+        for request in running:
+            request.sink.finish(error)
 
     def _fail_all(self, error: ServeError) -> None:
         with self._cond:

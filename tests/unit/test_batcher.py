@@ -18,7 +18,7 @@ from shared.api.schemas import QueuedEvent, ResultEvent, StepEvent
 from shared.engine.batcher import StepBatcher
 from shared.engine.prompts import PromptEncoder
 from shared.engine.sdxl import SDXLEngine
-from shared.errors import InvalidRequestError, RequestCancelledError
+from shared.errors import InvalidRequestError, RequestCancelledError, ServeError
 from tests.unit.test_engine import pixels
 
 WAIT_S = 120
@@ -249,3 +249,28 @@ def test_bad_input_is_refused_before_anything_is_queued(
         batcher.submit(engine, job(embeddings, "bad", width=60), sink)
     assert caught.value.param == "width"
     assert sink.queued_events == [] and batcher.depth() == (0, 0)
+
+
+class BrokenSink(RecordingSink):
+    """A sink whose step hook raises: a bug on the delivery side."""
+
+    def step(self, event: StepEvent, batch_requests: int) -> None:
+        raise RuntimeError("delivery failed")
+
+
+def test_a_failure_inside_the_loop_fails_its_requests_and_the_loop_goes_on(
+    engine: SDXLEngine, embeddings: list[PromptEmbeddings]
+) -> None:
+    batcher = StepBatcher(max_batch_images=2, max_wait_ms=2000)  # both start together
+    try:
+        broken, bystander = BrokenSink(), RecordingSink()
+        batcher.submit(engine, job(embeddings, "broken", steps=3), broken)
+        batcher.submit(engine, job(embeddings, "bystander", steps=3, seeds=[2]), bystander)
+        for sink in (broken, bystander):
+            assert sink.done.wait(WAIT_S), "a request was stranded"
+            assert isinstance(sink.outcome, ServeError)
+        after = RecordingSink()
+        batcher.submit(engine, job(embeddings, "after", steps=2), after)
+        assert after.result().images  # the loop survived
+    finally:
+        batcher.close()
