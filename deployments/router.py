@@ -236,8 +236,9 @@ class Router:
         size = await self._default_size(model, request)
         request = resolve_request(request, model, self._config.limits, size)
         job = await self._prepare_job(request, model, request_id, started)
-        if not streaming:  # nobody would see the previews
+        if not streaming:  # nobody would see the previews, or the steps
             job.preview = "none"
+            job.stream_steps = False
         events = self._pipeline.options(stream=True, multiplexed_model_id=model.id).stream.remote(
             job
         )

@@ -48,8 +48,10 @@ class _EventSink:
         loop: asyncio.AbstractEventLoop,
         record: dict[str, Any],
         on_step: Callable[[StepEvent], None],
+        stream_steps: bool = True,
     ) -> None:
         self.events: asyncio.Queue[Any] = asyncio.Queue()
+        self._stream_steps = stream_steps
         self.flag = threading.Event()
         self._loop = loop
         self._record = record
@@ -62,7 +64,8 @@ class _EventSink:
         self._record["steps"] += 1
         self._record["max_batch_requests"] = max(self._record["max_batch_requests"], batch_requests)
         self._on_step(event)
-        self._put(event)
+        if self._stream_steps:
+            self._put(event)
 
     def finish(self, outcome: ResultEvent | BaseException) -> None:
         self._put(outcome)  # the last item: a result, or the error to raise
@@ -174,7 +177,7 @@ class SDXLPipeline:
         """Run one job: a QueuedEvent, a StepEvent per step, finally the ResultEvent."""
         engine = await self.get_engine(job.model)
         record = self._track(job.id)
-        sink = _EventSink(asyncio.get_running_loop(), record, self._observe_step)
+        sink = _EventSink(asyncio.get_running_loop(), record, self._observe_step, job.stream_steps)
         self._batcher.submit(engine, job, sink)  # bad input raises here, before any event
         self._queue_depth.set(self._batcher.depth()[0])
         status = "cancelled"  # unless the loop below finishes or fails on its own

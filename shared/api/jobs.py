@@ -35,6 +35,7 @@ class DenoiseJob:
     scheduler: SchedulerName | None = None
     preview: PreviewKind = "none"
     preview_every: int = 1
+    stream_steps: bool = True  # False: nobody reads step events, so the replica keeps them
     preview_max_side: int = 256
     output_format: ImageFormat = "png"
     created_at: float = 0.0

@@ -185,3 +185,30 @@ def test_batching_off_runs_one_request_at_a_time(unbatched: Any) -> None:
     ids = [events[-1].id for events in streams]
     assert all(events[-1].event == "result" for events in streams)
     assert [finished(job_id, OFF_APP)["max_batch_requests"] for job_id in ids] == [1, 1, 1]
+
+
+def test_a_job_nobody_streams_sends_no_step_events(app_url: str) -> None:
+    import time
+
+    from ray import serve
+
+    from shared.api.jobs import DenoiseJob
+
+    encoder = serve.get_deployment_handle("ClipEncoder", app_name=APP_NAME)
+    embeddings = encoder.encode.remote("tiny", "a quiet harbour", None).result(timeout_s=60)
+    job = DenoiseJob(
+        id=f"quiet-{uuid.uuid4().hex[:6]}",
+        model="tiny",
+        embeddings=embeddings,
+        width=64,
+        height=64,
+        steps=3,
+        guidance_scale=5.0,
+        seeds=[1],
+        stream_steps=False,
+        created_at=time.time(),
+    )
+    pipeline = serve.get_deployment_handle("SDXLPipeline", app_name=APP_NAME)
+    stream = pipeline.options(stream=True, multiplexed_model_id="tiny").stream.remote(job)
+    assert [event.event for event in stream] == ["queued", "result"]
+    assert finished(job.id)["steps"] == 3  # the steps ran; only their events stayed home
