@@ -47,7 +47,15 @@ from shared.api.schemas import (
     StepEvent,
 )
 from shared.api.validation import parse_body, parse_request
-from shared.api.wire import NDJSON, SSE, encode_event, pick_stream_type
+from shared.api.wire import (
+    FRAME_BOUNDARY,
+    FRAMES,
+    NDJSON,
+    SSE,
+    encode_event,
+    encode_frame,
+    pick_stream_type,
+)
 from shared.config import LimitsConfig, OpenAIImagesConfig
 from shared.errors import (
     AuthenticationError,
@@ -289,6 +297,50 @@ async def encode_stream(
         await rest.aclose()
 
 
+async def encode_frames(
+    first: Event, rest: AsyncGenerator[Event, None], request_id: str
+) -> AsyncIterator[bytes]:
+    """Events as multipart image frames; a failure mid-stream is a final JSON error part."""
+    try:
+        if (frame := encode_frame(first)) is not None:
+            yield frame
+        async for event in rest:
+            if (frame := encode_frame(event)) is not None:
+                yield frame
+    except Exception as exc:
+        error = error_event(to_serve_error(exc, request_id), request_id)
+        yield encode_frame(error) or b""
+    finally:
+        await rest.aclose()
+    yield f"--{FRAME_BOUNDARY}--\r\n".encode()
+
+
+async def start_stream(
+    backend: Backend, request: GenerateRequest, request_id: str, media_type: str
+) -> StreamingResponse:
+    """The streamed answer. Errors before the first event (validation, encoding,
+    back-pressure) are raised, so they still get a status code; after it, they can only be an
+    `error` event in the stream."""
+    if media_type == FRAMES and request.preview == "none":
+        request = request.model_copy(update={"preview": "latent"})  # frames need previews
+    events = backend.stream_events(request, request_id)
+    try:
+        first = await anext(events)
+    except BaseException:
+        await events.aclose()
+        raise
+    headers = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+    if media_type == FRAMES:
+        return StreamingResponse(
+            encode_frames(first, events, request_id),
+            media_type=f"{FRAMES}; boundary={FRAME_BOUNDARY}",
+            headers=headers,
+        )
+    return StreamingResponse(
+        encode_stream(first, events, media_type, request_id), media_type=media_type, headers=headers
+    )
+
+
 def _openai_sse(payload: dict[str, Any]) -> str:
     return f"event: {payload['type']}\ndata: {json.dumps(payload)}\n\n"
 
@@ -458,19 +510,21 @@ def build_api(
             response = await backend.generate_response(generate_request, request_id)
             return JSONResponse(response.model_dump())
         media_type = pick_stream_type(request.headers.get("accept"))
-        events = backend.stream_events(generate_request, request_id)
-        try:
-            # Errors before the first event (validation, encoding, back-pressure) still get a
-            # real status code; after it, they can only be an `error` event in the stream.
-            first = await anext(events)
-        except BaseException:
-            await events.aclose()
-            raise
-        return StreamingResponse(
-            encode_stream(first, events, media_type, request_id),
-            media_type=media_type,
-            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-        )
+        return await start_stream(backend, generate_request, request_id, media_type)
+
+    @app.get(
+        "/v1/generate",
+        summary="Watch a generation in an <img> tag: the request's fields as query parameters, "
+        "answered with multipart/x-mixed-replace image frames",
+        responses={
+            200: {"description": "A JPEG frame per step preview, then the image."},
+            **_errors(404, 422, 429, 500, 503),
+        },
+        response_class=StreamingResponse,
+    )
+    async def watch(request: Request, backend: Backend = backend_dependency) -> Response:
+        generate_request = parse_request({**request.query_params, "stream": True})
+        return await start_stream(backend, generate_request, request_id_of(request), FRAMES)
 
     @app.post(
         "/v1/images/generations",

@@ -165,3 +165,35 @@ def test_models_health_and_readiness(client: httpx.Client) -> None:
         "SDXLPipeline": "ok",
         "ModelCache": "ok",
     }
+
+
+def parts(body: bytes) -> list[tuple[str, bytes]]:
+    """(content type, payload) of each part of a multipart/x-mixed-replace body."""
+    found = []
+    for chunk in body.split(b"--frame\r\n")[1:]:
+        head, _, rest = chunk.partition(b"\r\n\r\n")
+        headers = dict(line.split(": ", 1) for line in head.decode().split("\r\n"))
+        found.append((headers["Content-Type"], rest[: int(headers["Content-Length"])]))
+    return found
+
+
+def test_an_img_tag_can_watch_a_generation(client: httpx.Client) -> None:
+    query = {"model": "tiny", "prompt": "a cat", "width": 64, "height": 64, "steps": 4, "seed": 8}
+    response = client.get("/v1/generate", params=query)
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "multipart/x-mixed-replace; boundary=frame"
+    assert response.content.endswith(b"--frame--\r\n")
+    frames = parts(response.content)
+    assert [kind for kind, _ in frames] == ["image/jpeg"] * 4 + ["image/png"]
+    final = Image.open(io.BytesIO(frames[-1][1]))
+    expected = client.post("/v1/generate", json={**query, "stream": False}).json()
+    assert np.array_equal(np.asarray(final), pixels(expected))
+    # The same frames for a POST that asks for them.
+    posted = client.post(
+        "/v1/generate",
+        json={**query, "stream": True},
+        headers={"accept": "multipart/x-mixed-replace"},
+    )
+    assert [kind for kind, _ in parts(posted.content)] == [kind for kind, _ in frames]
+    refused = client.get("/v1/generate", params={**query, "steps": 0})
+    assert_error(refused, 422, "invalid_value", "steps")

@@ -199,7 +199,7 @@ async def test_sse_is_chosen_by_the_accept_header(ok: Any) -> None:
 async def test_unknown_routes_and_methods_have_their_own_codes(ok: Any) -> None:
     _, client = ok
     assert_envelope(await client.get("/v1/nothing"), 404, "not_found_error", "not_found")
-    wrong = await client.get("/v1/generate")
+    wrong = await client.put("/v1/generate", json=BODY)
     error = assert_envelope(wrong, 405, "invalid_request_error", "method_not_allowed")
     assert "POST" in wrong.headers["allow"] and "POST" in error["message"]
     wrong_models = await client.post("/v1/models", json={})
