@@ -10,6 +10,8 @@ No `from __future__ import annotations`: Ray pickles this module's class and Fas
 
 import asyncio
 import logging
+import os
+import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
@@ -34,6 +36,7 @@ from shared.api.validation import check_remote_request, parse_request, resolve_r
 from shared.config import AppConfig, LimitsConfig, ModelConfig, OpenAIImagesConfig
 from shared.errors import BusyError, InvalidRequestError, ServeError, UnavailableError
 from shared.providers.config import ProviderConfigBase
+from shared.storage import OutputStore
 
 logger = logging.getLogger("ray.serve")
 READY_TIMEOUT_S = 5.0
@@ -67,6 +70,14 @@ def _from_ray(exc: BaseException, request_id: str) -> ServeError:
     if isinstance(exc, DeploymentUnavailableError | RayActorError):
         return UnavailableError("a backend deployment is unavailable; retry later")
     return to_serve_error(exc, request_id)
+
+
+def _output_store(config: AppConfig) -> OutputStore | None:
+    storage = config.storage
+    if storage is None:
+        return None
+    secret = os.environ.get(storage.signing_key_env or "", "").encode() or secrets.token_bytes(32)
+    return OutputStore(storage, secret)
 
 
 async def _ping(handle: DeploymentHandle, method: str = "ping") -> str:
@@ -104,6 +115,7 @@ class Router:
         self._providers = providers or {}
         self._checkpoint_sizes: dict[str, tuple[int, int]] = {}
         self._api_keys = config.auth.load_keys()
+        self._store = _output_store(config)
 
     # ---- handle API (other Ray apps) ------------------------------------------------------
 
@@ -136,6 +148,10 @@ class Router:
     @property
     def api_keys(self) -> tuple[str, ...]:
         return self._api_keys
+
+    @property
+    def output_store(self) -> OutputStore | None:
+        return self._store
 
     async def generate_response(
         self, request: GenerateRequest, request_id: str

@@ -42,7 +42,7 @@ class ImagesGenerationRequest(BaseModel):
         default=None, ge=0, le=100, description="JPEG/WebP quality, 0-100."
     )
     response_format: Literal["b64_json", "url"] | None = Field(
-        default=None, description="Only `b64_json`: this server keeps no image files."
+        default=None, description="`url` needs the server's output storage configured."
     )
     background: Literal["transparent", "opaque", "auto"] | None = Field(
         default=None, description="`opaque` or `auto`; SDXL cannot make transparent images."
@@ -68,7 +68,7 @@ def parse_images_request(body: dict[str, Any]) -> ImagesGenerationRequest:
 
 
 def to_generate_request(
-    request: ImagesGenerationRequest, config: OpenAIImagesConfig
+    request: ImagesGenerationRequest, config: OpenAIImagesConfig, can_store: bool = False
 ) -> GenerateRequest:
     """Our request for an OpenAI one; what we cannot honour is refused, never ignored."""
     if request.background == "transparent":
@@ -78,10 +78,10 @@ def to_generate_request(
             code="unsupported_value",
             param="background",
         )
-    if request.response_format == "url":
+    if request.response_format == "url" and (request.stream or not can_store):
         raise InvalidRequestError(
-            "response_format 'url' is not supported: this server returns images inline; use "
-            "'b64_json'",
+            "response_format 'url' needs output storage (the `storage` config) and a "
+            "non-streamed request; use 'b64_json'",
             code="unsupported_value",
             param="response_format",
         )
@@ -146,19 +146,28 @@ NO_USAGE = {
 }
 
 
-def images_response(request: ImagesGenerationRequest, response: GenerateResponse) -> dict[str, Any]:
-    """OpenAI's `ImagesResponse` for a finished generation."""
+def encoded_images(request: ImagesGenerationRequest, response: GenerateResponse) -> list[str]:
+    """Each image as base64 in the requested format and compression."""
+    if request.output_compression is None:
+        return [image.b64 for image in response.images]
+    return [_encode(image.b64, request) for image in response.images]
+
+
+def images_response(
+    request: ImagesGenerationRequest, response: GenerateResponse, urls: list[str] | None = None
+) -> dict[str, Any]:
+    """OpenAI's `ImagesResponse` for a finished generation: base64 images, or their URLs."""
     first = response.images[0]
-    needs_encoding = request.output_compression is not None
+    if urls is not None:
+        data = [{"url": url, "revised_prompt": request.prompt} for url in urls]
+    else:
+        data = [
+            {"b64_json": b64, "revised_prompt": request.prompt}
+            for b64 in encoded_images(request, response)
+        ]
     return {
         "created": int(time.time()),
-        "data": [
-            {
-                "b64_json": _encode(image.b64, request) if needs_encoding else image.b64,
-                "revised_prompt": request.prompt,
-            }
-            for image in response.images
-        ],
+        "data": data,
         **_common(request, first.width, first.height),
         "usage": NO_USAGE,
     }

@@ -10,6 +10,8 @@ No `from __future__ import annotations` here: Ray pickles the app by value, and 
 resolve the route signatures from real objects, not strings.
 """
 
+import asyncio
+import base64
 import copy
 import hmac
 import json
@@ -31,6 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from shared.api.openai_images import (
     ImagesGenerationRequest,
     PartialImages,
+    encoded_images,
     images_response,
     parse_images_request,
     to_generate_request,
@@ -68,6 +71,7 @@ from shared.errors import (
     UnsupportedMediaTypeError,
     find_serve_error,
 )
+from shared.storage import OutputStore
 
 logger = logging.getLogger("ray.serve")
 STATIC = Path(__file__).resolve().parent / "static"
@@ -93,6 +97,11 @@ class Backend(Protocol):
     @property
     def api_keys(self) -> tuple[str, ...]:
         """Accepted Bearer keys; empty when authentication is off."""
+        ...
+
+    @property
+    def output_store(self) -> OutputStore | None:
+        """Where `response_format: url` images go; None when no storage is configured."""
         ...
 
     async def generate_response(
@@ -378,6 +387,38 @@ async def encode_openai_stream(
         await rest.aclose()
 
 
+async def store_images(
+    store: OutputStore,
+    request: GenerateRequest,
+    response: GenerateResponse,
+    images_request: ImagesGenerationRequest,
+    base_url: str,
+) -> list[str]:
+    """Write each image (once: keys come from the request id) with its metadata; their URLs."""
+    urls = []
+    for index, (image, b64) in enumerate(
+        zip(response.images, encoded_images(images_request, response), strict=True)
+    ):
+        metadata = {
+            "id": response.id,
+            "model": response.model,
+            "backend": response.backend,
+            "index": index,
+            "seed": image.seed,
+            "width": image.width,
+            "height": image.height,
+            "format": images_request.output_format,
+            "request": request.model_dump(exclude={"stream"}),
+            "timings": response.timings.model_dump(),
+        }
+        data = base64.b64decode(b64)
+        key = await asyncio.to_thread(
+            store.save, response.id, index, data, images_request.output_format, metadata
+        )
+        urls.append(await asyncio.to_thread(store.url, key, base_url))
+    return urls
+
+
 def as_openai_error(error: InvalidRequestError) -> ServeError:
     """OpenAI answers a request that breaks a rule with 400, where our own API says 422."""
     openai_error = copy.copy(error)
@@ -551,10 +592,18 @@ def build_api(
         try:
             body = await read_json_body(request, backend.limits.max_body_bytes)
             images_request = parse_images_request(body)
-            generate_request = to_generate_request(images_request, backend.openai_images)
+            store = backend.output_store
+            generate_request = to_generate_request(
+                images_request, backend.openai_images, can_store=store is not None
+            )
             if not images_request.stream:
                 response = await backend.generate_response(generate_request, request_id)
-                return JSONResponse(images_response(images_request, response))
+                urls = None
+                if images_request.response_format == "url" and store is not None:
+                    urls = await store_images(
+                        store, generate_request, response, images_request, str(request.base_url)
+                    )
+                return JSONResponse(images_response(images_request, response, urls))
             events = backend.stream_events(generate_request, request_id)
             try:
                 first = await anext(events)
@@ -568,6 +617,22 @@ def build_api(
             media_type=SSE,
             headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
         )
+
+    @app.get(
+        "/v1/files/{key:path}",
+        summary="A stored image or its metadata, by a signed link this server returned",
+        responses=_errors(404, 500),
+        response_class=Response,
+    )
+    async def files(key: str, expires: int, sig: str, backend: Backend = open_backend) -> Response:
+        # The signature is the credential: these links are handed to browsers and <img> tags.
+        store = backend.output_store
+        if store is None:
+            raise NotFoundError("this server stores no files", code="file_not_found")
+        data = await asyncio.to_thread(store.open_signed, key, expires, sig)
+        kind = key.rsplit(".", 1)[-1]
+        media_type = "application/json" if kind == "json" else f"image/{kind}"
+        return Response(data, media_type=media_type, headers={"cache-control": "private"})
 
     @app.get("/v1/models", summary="List models", responses=_errors(500, 503))
     async def models(backend: Backend = backend_dependency) -> ModelList:

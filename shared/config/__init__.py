@@ -12,6 +12,7 @@ from shared.config.app import (
     EncoderConfig,
     EngineConfig,
     OpenAIImagesConfig,
+    StorageConfig,
 )
 from shared.config.deployment import AutoscalingConfig, DeploymentOptions
 from shared.config.models import LimitsConfig, ModelConfig
@@ -28,4 +29,5 @@ __all__ = [
     "LimitsConfig",
     "ModelConfig",
     "OpenAIImagesConfig",
+    "StorageConfig",
 ]

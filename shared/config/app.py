@@ -107,6 +107,28 @@ class AuthConfig(StrictConfig):
         return tuple(keys)
 
 
+class StorageConfig(StrictConfig):
+    """Where `response_format: url` images go (fsspec), and how long their links live."""
+
+    url: str = Field(
+        min_length=1,
+        description="`file:///folder`, a plain folder, or `s3://bucket/prefix` (s3fs; "
+        "credentials from the environment).",
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options, e.g. s3fs's endpoint_url."
+    )
+    link_ttl_s: int = Field(
+        3600, ge=60, le=7 * 86_400, description="How long a returned image URL works."
+    )
+    signing_key_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Environment variable with the secret that signs `file://` links; unset: "
+        "a random one per Router start (links then work only on the replica that made them).",
+    )
+
+
 class CacheConfig(StrictConfig):
     capacity_bytes: int = Field(
         64 * 1024**3, ge=1, description="Object-store bytes held before LRU eviction."
@@ -139,6 +161,9 @@ class AppConfig(StrictConfig):
         default_factory=OpenAIImagesConfig, description="OpenAI's Images API."
     )
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys (off if unset).")
+    storage: StorageConfig | None = Field(
+        None, description="Output storage for `response_format: url`; none if unset."
+    )
     router_deployment: DeploymentOptions = _options(num_cpus=0.1, max_ongoing_requests=64)
     encoder_deployment: DeploymentOptions = _options(num_cpus=0.1, max_ongoing_requests=32)
     # Requests a replica takes at once: its step batcher serves them together.

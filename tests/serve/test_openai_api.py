@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import uuid
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -81,5 +84,29 @@ def test_refusals_arrive_as_the_sdks_typed_errors(sdk: openai.OpenAI) -> None:
         sdk.images.generate(model="tiny", prompt=PROMPT, size="1000x1000")
     assert size.value.param == "height" or size.value.param == "width"
     with pytest.raises(openai.BadRequestError) as url:
-        sdk.images.generate(model="tiny", prompt=PROMPT, response_format="url")
+        sdk.images.generate(model="tiny", prompt=PROMPT, response_format="url", stream=True)
     assert url.value.param == "response_format"
+
+
+def test_url_responses_are_stored_once_and_served_by_signed_links(sdk: openai.OpenAI) -> None:
+    request_id = f"url-{uuid.uuid4().hex[:8]}"
+    fields = {"model": "tiny", "prompt": PROMPT, "size": "64x64", "quality": "low"}
+    extra = {"extra_body": {"seed": 12}, "extra_headers": {"x-request-id": request_id}}
+    first = sdk.images.generate(**fields, response_format="url", **extra)
+    url = first.data[0].url if first.data else None
+    assert url is not None and f"/v1/files/{request_id}/0.png?" in url
+    served = httpx.get(url, timeout=30)
+    assert served.status_code == 200 and served.headers["content-type"] == "image/png"
+    inline = sdk.images.generate(**fields, extra_body={"seed": 12})
+    assert inline.data is not None
+    assert served.content == base64.b64decode(inline.data[0].b64_json or "")
+    metadata = httpx.get(url.replace("/0.png?", "/0.json?"), timeout=30)
+    assert metadata.status_code == 404  # a link signs one file, not its neighbours
+    stored = Path("/tmp/diffusion-serve/outputs") / request_id
+    meta = json.loads((stored / "0.json").read_text())
+    assert (meta["seed"], meta["width"], meta["request"]["steps"]) == (12, 64, 4)
+    written = (stored / "0.png").stat().st_mtime_ns
+    sdk.images.generate(**fields, response_format="url", **extra)  # the same request id again
+    assert (stored / "0.png").stat().st_mtime_ns == written  # not stored twice
+    tampered = httpx.get(url.replace("sig=", "sig=x"), timeout=30)
+    assert tampered.status_code == 404 and tampered.json()["error"]["code"] == "file_not_found"

@@ -55,6 +55,7 @@ class FakeBackend:
         api_keys: tuple[str, ...] = (),
     ) -> None:
         self.api_keys = api_keys
+        self.output_store = None
         self.failure = failure
         self.mid_stream = mid_stream
         self.limits = LimitsConfig(max_body_bytes=4096)
