@@ -21,17 +21,15 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from shared.api.jobs import DenoiseJob
-from shared.api.routes import (
+from shared.api.http_errors import (
     BUSY_RETRY_AFTER_S,
-    Backend,
-    Event,
-    build_api,
     error_event,
     new_request_id,
     to_serve_error,
 )
-from shared.api.schemas import GenerateRequest, GenerateResponse, ModelCard, ResultEvent
+from shared.api.jobs import DenoiseJob
+from shared.api.routes import Backend, build_api
+from shared.api.schemas import Event, GenerateRequest, GenerateResponse, ModelCard, ResultEvent
 from shared.api.validation import check_remote_request, parse_request, resolve_request
 from shared.config import AppConfig, LimitsConfig, ModelConfig, OpenAIImagesConfig
 from shared.errors import BusyError, InvalidRequestError, ServeError, UnavailableError

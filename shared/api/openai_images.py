@@ -1,26 +1,40 @@
 """OpenAI's Images API on top of our contract: `POST /v1/images/generations` requests become a
 `GenerateRequest`, and our events become OpenAI's answer or its SSE stream
 (`image_generation.partial_image` from step previews at evenly spaced steps, then
-`image_generation.completed`), so the official `openai` SDK works unchanged. Torch-free.
+`image_generation.completed`), so the official `openai` SDK works unchanged; `url` answers store
+the images first. Torch-free.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import copy
 import io
+import json
 import re
 import time
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Literal
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from shared.api.schemas import GenerateRequest, GenerateResponse, StepEvent
+from shared.api.http_errors import to_serve_error
+from shared.api.schemas import (
+    ErrorEvent,
+    Event,
+    GenerateRequest,
+    GenerateResponse,
+    ResultEvent,
+    StepEvent,
+)
 from shared.api.validation import from_validation_error
 from shared.api.vocabulary import ImageFormat, SchedulerName
 from shared.config import OpenAIImagesConfig
-from shared.errors import InvalidRequestError
+from shared.errors import InvalidRequestError, ServeError
 from shared.imaging import encode_image
+from shared.storage import OutputStore
 
 Quality = Literal["low", "medium", "high", "auto", "standard", "hd"]
 SIZE = re.compile(r"^(\d{2,5})x(\d{2,5})$")
@@ -211,3 +225,79 @@ class PartialImages:
             }
             for image in response.images
         ]
+
+
+def _openai_sse(payload: dict[str, Any]) -> str:
+    return f"event: {payload['type']}\ndata: {json.dumps(payload)}\n\n"
+
+
+async def encode_openai_stream(
+    first: Event,
+    rest: AsyncGenerator[Event, None],
+    request: ImagesGenerationRequest,
+    request_id: str,
+) -> AsyncIterator[str]:
+    """Our events as OpenAI's image-generation SSE events; a failure is OpenAI's error event."""
+    partials = PartialImages(request)
+
+    async def events() -> AsyncIterator[Event]:
+        yield first
+        async for event in rest:
+            yield event
+
+    try:
+        async for event in events():
+            if isinstance(event, StepEvent):
+                payloads = partials.events(event)
+            elif isinstance(event, ResultEvent):
+                payloads = partials.completed(event)
+            elif isinstance(event, ErrorEvent):
+                payloads = [{"type": "error", "error": event.error.model_dump()}]
+            else:
+                payloads = []  # queued: OpenAI's stream has no such event
+            for payload in payloads:
+                yield _openai_sse(payload)
+    except Exception as exc:
+        error = to_serve_error(exc, request_id)
+        yield _openai_sse({"type": "error", "error": error.to_dict()})
+    finally:
+        await rest.aclose()
+
+
+async def store_images(
+    store: OutputStore,
+    request: GenerateRequest,
+    response: GenerateResponse,
+    images_request: ImagesGenerationRequest,
+    base_url: str,
+) -> list[str]:
+    """Write each image (once: keys come from the request id) with its metadata; their URLs."""
+    urls = []
+    for index, (image, b64) in enumerate(
+        zip(response.images, encoded_images(images_request, response), strict=True)
+    ):
+        metadata = {
+            "id": response.id,
+            "model": response.model,
+            "backend": response.backend,
+            "index": index,
+            "seed": image.seed,
+            "width": image.width,
+            "height": image.height,
+            "format": images_request.output_format,
+            "request": request.model_dump(exclude={"stream"}),
+            "timings": response.timings.model_dump(),
+        }
+        data = base64.b64decode(b64)
+        key = await asyncio.to_thread(
+            store.save, response.id, index, data, images_request.output_format, metadata
+        )
+        urls.append(await asyncio.to_thread(store.url, key, base_url))
+    return urls
+
+
+def as_openai_error(error: InvalidRequestError) -> ServeError:
+    """OpenAI answers a request that breaks a rule with 400, where our own API says 422."""
+    openai_error = copy.copy(error)
+    openai_error.status = 400
+    return openai_error

@@ -1,47 +1,45 @@
-"""The public HTTP API as a FastAPI app over a `Backend`: routes, body intake, stream encoding,
-the one exception → error-envelope mapping, and the OpenAPI document.
+"""The public HTTP API as a FastAPI app over a `Backend`: routes, body intake, stream encoding
+and the OpenAPI document; the error mapping is `shared.api.http_errors`'s.
 
 Nothing here knows about Ray: the Router deployment is one `Backend`, and tests build the same
-app around fake backends with `httpx.ASGITransport`. Every failure on every route, including
-unknown routes, wrong methods and unexpected exceptions, becomes OpenAI's envelope
-`{"error": {"type", "code", "message", "param"}}` with the status of its `ServeError`.
+app around fake backends with `httpx.ASGITransport`.
 
 No `from __future__ import annotations` here: Ray pickles the app by value, and FastAPI must
 resolve the route signatures from real objects, not strings.
 """
 
 import asyncio
-import base64
-import copy
-import hmac
-import json
 import logging
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared.api.http_errors import (
+    check_api_key,
+    error_event,
+    install_error_mapping,
+    request_id_of,
+    to_serve_error,
+)
 from shared.api.openai_images import (
     ImagesGenerationRequest,
-    PartialImages,
-    encoded_images,
+    as_openai_error,
+    encode_openai_stream,
     images_response,
     parse_images_request,
+    store_images,
     to_generate_request,
 )
 from shared.api.schemas import (
-    ErrorBody,
     ErrorEnvelope,
     ErrorEvent,
+    Event,
     GenerateRequest,
     GenerateResponse,
     ModelCard,
@@ -61,23 +59,15 @@ from shared.api.wire import (
 )
 from shared.config import LimitsConfig, OpenAIImagesConfig
 from shared.errors import (
-    AuthenticationError,
-    BusyError,
     InvalidRequestError,
-    MethodNotAllowedError,
     NotFoundError,
     PayloadTooLargeError,
-    ServeError,
     UnsupportedMediaTypeError,
-    find_serve_error,
 )
 from shared.storage import OutputStore
 
 logger = logging.getLogger("ray.serve")
 STATIC = Path(__file__).resolve().parent / "static"
-Event = QueuedEvent | StepEvent | ResultEvent | ErrorEvent
-REQUEST_ID_HEADER = "x-request-id"
-BUSY_RETRY_AFTER_S = 1
 JSON_TYPES = ("application/json",)
 
 
@@ -115,155 +105,6 @@ class Backend(Protocol):
     async def list_models(self) -> list[ModelCard]: ...
 
     async def readiness(self) -> dict[str, Any]: ...
-
-
-# ---- request ids and the error mapping -------------------------------------------------------
-
-
-def new_request_id() -> str:
-    return f"gen-{uuid.uuid4().hex[:20]}"
-
-
-def _given_request_id(scope: Scope) -> str:
-    for name, value in scope.get("headers", []):
-        if name == REQUEST_ID_HEADER.encode():
-            given = value.decode("latin-1")
-            if given.isprintable() and 0 < len(given) <= 64:
-                return given
-    return new_request_id()
-
-
-def request_id_of(request: Request) -> str:
-    return str(getattr(request.state, "request_id", "") or new_request_id())
-
-
-def to_serve_error(exc: BaseException, request_id: str) -> ServeError:
-    """Our error inside `exc`, or a 500 that names the request id (the details go to the log)."""
-    found = find_serve_error(exc)
-    if found is not None:
-        return found
-    logger.error("request %s failed", request_id, exc_info=exc)
-    return ServeError(f"internal error (request id {request_id})")
-
-
-def error_response(error: ServeError) -> JSONResponse:
-    headers = {}
-    if isinstance(error, AuthenticationError):
-        headers["www-authenticate"] = "Bearer"
-    if isinstance(error, BusyError):
-        headers["retry-after"] = str(BUSY_RETRY_AFTER_S)
-    return JSONResponse({"error": error.to_dict()}, status_code=error.status, headers=headers)
-
-
-def error_event(error: ServeError, request_id: str) -> ErrorEvent:
-    return ErrorEvent(id=request_id, error=ErrorBody(**error.to_dict()))
-
-
-def _http_error(request: Request, exc: StarletteHTTPException) -> ServeError:
-    where = f"{request.method} {request.url.path}"
-    if exc.status_code == 404:
-        return NotFoundError(f"{where}: no such route; see /docs for the API")
-    if exc.status_code == 405:
-        allowed = _allow_header(exc) or "none"
-        return MethodNotAllowedError(f"{where}: method not allowed; allowed: {allowed}")
-    error = ServeError(f"{where}: {exc.detail}", code=f"http_{exc.status_code}")
-    error.status = exc.status_code
-    if 400 <= exc.status_code < 500:
-        error.type = "invalid_request_error"
-    return error
-
-
-def _allow_header(exc: StarletteHTTPException) -> str:
-    return next((v for k, v in (exc.headers or {}).items() if k.lower() == "allow"), "")
-
-
-def _validation_error(exc: RequestValidationError) -> InvalidRequestError:
-    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-    param = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
-    return InvalidRequestError(f"{param or 'request'}: {first.get('msg')}", param=param)
-
-
-class RequestIdMiddleware:
-    """Gives every request an id and turns an exception that escaped every handler into a 500
-    envelope, if no response has started yet.
-
-    The id is the host's when it has one (`host_request_id`: Serve's proxy assigns it, honours
-    the client's `x-request-id` and writes it into the response itself); otherwise the client's
-    `x-request-id` if sane, else a new one, and this middleware writes the header.
-
-    A plain ASGI middleware, not Starlette's BaseHTTPMiddleware: that one re-wraps streaming
-    bodies and hides a client's disconnect from the stream, which is what stops the denoiser.
-    """
-
-    def __init__(self, app: ASGIApp, host_request_id: Callable[[], str] | None = None) -> None:
-        self.app = app
-        self.host_request_id = host_request_id
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        hosted = self.host_request_id() if self.host_request_id is not None else ""
-        request_id = hosted or _given_request_id(scope)
-        scope.setdefault("state", {})["request_id"] = request_id
-        started = False
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-                if not hosted:
-                    headers = [
-                        *message.get("headers", []),
-                        (REQUEST_ID_HEADER.encode(), request_id.encode()),
-                    ]
-                    message = {**message, "headers": headers}
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        except Exception as exc:
-            if started:
-                raise
-            response = error_response(to_serve_error(exc, request_id))
-            await response(scope, receive, send_with_id)
-
-
-def install_error_mapping(app: FastAPI, host_request_id: Callable[[], str] | None = None) -> None:
-    """The app's one exception → envelope mapping."""
-
-    async def serve_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, ServeError)
-        return error_response(exc)
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, StarletteHTTPException)
-        response = error_response(_http_error(request, exc))
-        if exc.status_code == 405 and _allow_header(exc):
-            response.headers["allow"] = _allow_header(exc)
-        return response
-
-    async def validation_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, RequestValidationError)
-        return error_response(_validation_error(exc))
-
-    app.add_exception_handler(ServeError, serve_error)
-    app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_middleware(RequestIdMiddleware, host_request_id=host_request_id)
-
-
-def check_api_key(request: Request, keys: tuple[str, ...]) -> None:
-    """Refuse a request without one of `keys` as its Bearer token. Every key is compared, in
-    constant time, so the answer's timing says nothing about how close a guess was."""
-    if not keys:
-        return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    matched = False
-    for key in keys:
-        matched |= hmac.compare_digest(given.strip().encode(), key.encode())
-    if scheme.lower() != "bearer" or not matched:
-        raise AuthenticationError("a valid API key is required: send `Authorization: Bearer <key>`")
 
 
 # ---- body intake and stream encoding ---------------------------------------------------------
@@ -324,6 +165,16 @@ async def encode_frames(
     yield f"--{FRAME_BOUNDARY}--\r\n".encode()
 
 
+async def first_event(events: AsyncGenerator[Event, None]) -> Event:
+    """The stream's first event; a failure before it closes the stream and is raised, so it
+    still gets a status code (after it, it can only be an `error` event in the stream)."""
+    try:
+        return await anext(events)
+    except BaseException:
+        await events.aclose()
+        raise
+
+
 async def start_stream(
     backend: Backend, request: GenerateRequest, request_id: str, media_type: str
 ) -> StreamingResponse:
@@ -333,11 +184,7 @@ async def start_stream(
     if media_type == FRAMES and request.preview == "none":
         request = request.model_copy(update={"preview": "latent"})  # frames need previews
     events = backend.stream_events(request, request_id)
-    try:
-        first = await anext(events)
-    except BaseException:
-        await events.aclose()
-        raise
+    first = await first_event(events)
     headers = {"cache-control": "no-cache", "x-accel-buffering": "no"}
     if media_type == FRAMES:
         return StreamingResponse(
@@ -348,82 +195,6 @@ async def start_stream(
     return StreamingResponse(
         encode_stream(first, events, media_type, request_id), media_type=media_type, headers=headers
     )
-
-
-def _openai_sse(payload: dict[str, Any]) -> str:
-    return f"event: {payload['type']}\ndata: {json.dumps(payload)}\n\n"
-
-
-async def encode_openai_stream(
-    first: Event,
-    rest: AsyncGenerator[Event, None],
-    request: ImagesGenerationRequest,
-    request_id: str,
-) -> AsyncIterator[str]:
-    """Our events as OpenAI's image-generation SSE events; a failure is OpenAI's error event."""
-    partials = PartialImages(request)
-
-    async def events() -> AsyncIterator[Event]:
-        yield first
-        async for event in rest:
-            yield event
-
-    try:
-        async for event in events():
-            if isinstance(event, StepEvent):
-                payloads = partials.events(event)
-            elif isinstance(event, ResultEvent):
-                payloads = partials.completed(event)
-            elif isinstance(event, ErrorEvent):
-                payloads = [{"type": "error", "error": event.error.model_dump()}]
-            else:
-                payloads = []  # queued: OpenAI's stream has no such event
-            for payload in payloads:
-                yield _openai_sse(payload)
-    except Exception as exc:
-        error = to_serve_error(exc, request_id)
-        yield _openai_sse({"type": "error", "error": error.to_dict()})
-    finally:
-        await rest.aclose()
-
-
-async def store_images(
-    store: OutputStore,
-    request: GenerateRequest,
-    response: GenerateResponse,
-    images_request: ImagesGenerationRequest,
-    base_url: str,
-) -> list[str]:
-    """Write each image (once: keys come from the request id) with its metadata; their URLs."""
-    urls = []
-    for index, (image, b64) in enumerate(
-        zip(response.images, encoded_images(images_request, response), strict=True)
-    ):
-        metadata = {
-            "id": response.id,
-            "model": response.model,
-            "backend": response.backend,
-            "index": index,
-            "seed": image.seed,
-            "width": image.width,
-            "height": image.height,
-            "format": images_request.output_format,
-            "request": request.model_dump(exclude={"stream"}),
-            "timings": response.timings.model_dump(),
-        }
-        data = base64.b64decode(b64)
-        key = await asyncio.to_thread(
-            store.save, response.id, index, data, images_request.output_format, metadata
-        )
-        urls.append(await asyncio.to_thread(store.url, key, base_url))
-    return urls
-
-
-def as_openai_error(error: InvalidRequestError) -> ServeError:
-    """OpenAI answers a request that breaks a rule with 400, where our own API says 422."""
-    openai_error = copy.copy(error)
-    openai_error.status = 400
-    return openai_error
 
 
 # ---- OpenAPI ---------------------------------------------------------------------------------
@@ -605,11 +376,7 @@ def build_api(
                     )
                 return JSONResponse(images_response(images_request, response, urls))
             events = backend.stream_events(generate_request, request_id)
-            try:
-                first = await anext(events)
-            except BaseException:
-                await events.aclose()
-                raise
+            first = await first_event(events)
         except InvalidRequestError as exc:
             raise as_openai_error(exc) from None
         return StreamingResponse(

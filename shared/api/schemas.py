@@ -129,3 +129,7 @@ class ModelCard(BaseModel):
     backend: str
     loaded: bool
     state: dict[str, Any] = Field(default_factory=dict)
+
+
+# Every event a generation's stream can carry, in the order they come.
+Event = QueuedEvent | StepEvent | ResultEvent | ErrorEvent

@@ -15,6 +15,8 @@ TORCH_FREE = [
     "deployments.router",
     "deployments.app",
     "shared.api.routes",
+    "shared.api.http_errors",
+    "shared.api.openai_images",
     "shared.api.validation",
     "shared.config",
     "shared.weights.loader",

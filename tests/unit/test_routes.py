@@ -15,8 +15,9 @@ import openai
 import pytest
 from PIL import Image
 
-from shared.api.routes import Event, build_api
+from shared.api.routes import build_api
 from shared.api.schemas import (
+    Event,
     GeneratedImage,
     GenerateRequest,
     GenerateResponse,
