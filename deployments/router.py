@@ -28,6 +28,13 @@ from shared.api.http_errors import (
     to_serve_error,
 )
 from shared.api.jobs import DenoiseJob
+from shared.api.request_images import (
+    DecodedImages,
+    decode_images,
+    image_prompt_pixels,
+    job_images,
+    with_image_size,
+)
 from shared.api.routes import Backend, build_api
 from shared.api.schemas import Event, GenerateRequest, GenerateResponse, ModelCard, ResultEvent
 from shared.api.validation import check_remote_request, parse_request, resolve_request
@@ -247,9 +254,13 @@ class Router:
         self, request: GenerateRequest, request_id: str, streaming: bool, started: float
     ) -> AsyncGenerator[Event, None]:
         model = self._model(request.model)
+        limits = self._config.limits
+        # Images are decoded off the event loop: a large PNG takes tens of milliseconds.
+        images = await asyncio.to_thread(decode_images, request, limits)
+        request = with_image_size(request, images, limits)
         size = await self._default_size(model, request)
-        request = resolve_request(request, model, self._config.limits, size)
-        job = await self._prepare_job(request, model, request_id, started)
+        request = resolve_request(request, model, limits, size)
+        job = await self._prepare_job(request, images, model, request_id, started)
         if not streaming:  # nobody would see the previews, or the steps
             job.preview = "none"
             job.stream_steps = False
@@ -261,8 +272,8 @@ class Router:
                 first = await anext(events)
             except BackPressureError:
                 fallback = self._config.provider_model(model.fallback or "")
-                if fallback is None:
-                    raise
+                if fallback is None or request.image_fields or request.noise_mask:
+                    raise  # a provider could not take this request's image inputs
                 # Local replicas push back: spill over to the configured provider model.
                 spilled = self._provider_events(
                     request, fallback, request_id, streaming, started, spilled_over=True
@@ -317,12 +328,30 @@ class Router:
         return self._checkpoint_sizes[model.id]
 
     async def _prepare_job(
-        self, request: GenerateRequest, model: ModelConfig, request_id: str, started: float
+        self,
+        request: GenerateRequest,
+        images: DecodedImages,
+        model: ModelConfig,
+        request_id: str,
+        started: float,
     ) -> DenoiseJob:
         assert request.seed is not None and request.width and request.height and request.steps
-        embeddings = await self._encoder.encode.remote(
-            model.id, request.prompt, request.negative_prompt
-        )
+        fields = await asyncio.to_thread(job_images, request, images)
+        prompt = image_prompt_pixels(images)
+        if prompt is not None and model.ip_adapter is None:
+            raise InvalidRequestError(
+                f"model {model.id!r} has no IP-Adapter configured, so it takes no image_prompt; "
+                f"models that do: {', '.join(self._image_prompt_models()) or 'none'}",
+                code="image_prompt_unsupported",
+                param="image_prompt",
+            )
+        text = self._encoder.encode.remote(model.id, request.prompt, request.negative_prompt)
+        if prompt is not None:
+            image = self._encoder.encode_image.remote(model.id, prompt)
+            embeddings, fields["image_embeds"] = await asyncio.gather(text, image)
+            fields["image_prompt_scale"] = request.image_prompt_scale
+        else:
+            embeddings = await text
         return DenoiseJob(
             id=request_id,
             model=model.id,
@@ -339,7 +368,11 @@ class Router:
             output_format=request.output_format,
             created_at=time.time(),
             timings={"encode_ms": (time.time() - started) * 1000},
+            **fields,
         )
+
+    def _image_prompt_models(self) -> list[str]:
+        return [m.id for m in self._config.models if m.ip_adapter is not None]
 
     def _model(self, model_id: str) -> ModelConfig:
         model = self._local.get(model_id)

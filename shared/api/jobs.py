@@ -1,5 +1,6 @@
 """What the Router hands SDXLPipeline: a validated, encoded request (`DenoiseJob`) and the prompt
-embeddings it carries, as numpy arrays so they travel through Ray without torch."""
+embeddings and decoded image inputs it carries, as numpy arrays so they travel through Ray without
+torch."""
 
 from __future__ import annotations
 
@@ -18,6 +19,17 @@ class PromptEmbeddings:
     pooled_prompt_embeds: np.ndarray
     negative_prompt_embeds: np.ndarray
     negative_pooled_prompt_embeds: np.ndarray
+
+
+@dataclass
+class NoiseInjection:
+    """A resolved `noise_mask`: the mask at the job's size (float32 (H, W) in [0, 1], inverted
+    already if asked) and when and how strongly noise goes in."""
+
+    mask: np.ndarray
+    strength: float
+    start: float
+    end: float
 
 
 @dataclass
@@ -40,3 +52,12 @@ class DenoiseJob:
     output_format: ImageFormat = "png"
     created_at: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+    # Image inputs, decoded and fitted to (height, width) by the Router's intake.
+    init_image: np.ndarray | None = None  # uint8 (H, W, 3): img2img / inpainting source
+    strength: float = 1.0
+    mask: np.ndarray | None = None  # uint8 (H, W), white = repaint
+    start_image: np.ndarray | None = None  # uint8 (H, W, 3)
+    start_noise: float = 1.0
+    noise_mask: NoiseInjection | None = None
+    image_embeds: np.ndarray | None = None  # (1, dim) CLIP image embedding for the IP-Adapter
+    image_prompt_scale: float = 1.0

@@ -9,9 +9,56 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from shared.api.noise_masks import NoiseMaskName
 from shared.api.vocabulary import ImageFormat, PreviewKind, SchedulerName
+
+
+class FieldConflict(ValueError):
+    """A rule between fields, naming the field to fix (validation reports it as `param`)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+IMAGE_FIELD = (
+    "base64 image or a `data:` URL (PNG, JPEG or WebP; remote URLs are refused). Fitted to the "
+    "request size by scaling to cover it and cropping the centre; sets the size when the request "
+    "gives none."
+)
+
+
+class NoiseMaskSpec(BaseModel):
+    """Extra seeded noise injected inside a mask between two fractions of the schedule."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pattern: NoiseMaskName | None = Field(
+        default=None, description="A named pattern from GET /v1/noise-masks (circle, square, ...)."
+    )
+    image: str | None = Field(
+        default=None,
+        description="A custom mask instead of a pattern (white = noise); " + IMAGE_FIELD,
+    )
+    strength: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=2.0,
+        description="Injected noise as a multiple of the current sigma.",
+    )
+    start: float = Field(default=0.0, ge=0.0, le=1.0, description="Fraction of steps to begin at.")
+    end: float = Field(default=1.0, ge=0.0, le=1.0, description="Fraction of steps to stop at.")
+    invert: bool = Field(default=False, description="Inject outside the mask instead.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> NoiseMaskSpec:
+        if (self.pattern is None) == (self.image is None):
+            raise FieldConflict("pattern", "give exactly one of pattern and image")
+        if self.start >= self.end:
+            raise FieldConflict("start", f"start ({self.start}) must be below end ({self.end})")
+        return self
 
 
 class GenerateRequest(BaseModel):
@@ -39,6 +86,68 @@ class GenerateRequest(BaseModel):
     preview_every: int = Field(default=1, ge=1, description="Send a preview every k steps.")
     output_format: ImageFormat = Field(default="png", description="Encoding of final images.")
     stream: bool = Field(default=False, description="Stream step events (NDJSON or SSE).")
+    init_image: str | None = Field(
+        default=None, description="img2img / inpainting source image: " + IMAGE_FIELD
+    )
+    strength: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1.0,
+        description="How much of the init image is repainted: the first 1-strength of the "
+        "schedule is skipped (diffusers' semantics). Default 0.8 for img2img, 1.0 for inpainting.",
+    )
+    mask: str | None = Field(
+        default=None,
+        description="Inpainting mask for init_image, white = repaint (diffusers' convention): "
+        + IMAGE_FIELD,
+    )
+    mask_blur: float = Field(
+        default=0.0, ge=0.0, le=64.0, description="Gaussian blur radius applied to the mask."
+    )
+    start_image: str | None = Field(
+        default=None,
+        description="Start the full schedule from this image's latents mixed with noise: "
+        + IMAGE_FIELD,
+    )
+    start_noise: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="Noise share of the start latents: 0 = the image alone, 1 = pure noise "
+        "(default 0.7).",
+    )
+    noise_mask: NoiseMaskSpec | None = Field(
+        default=None, description="Inject extra noise inside a mask during part of the schedule."
+    )
+    image_prompt: str | None = Field(
+        default=None,
+        description="An image as (part of) the prompt, through the model's IP-Adapter: "
+        "base64 or a `data:` URL.",
+    )
+    image_prompt_scale: float = Field(
+        default=1.0, ge=0.0, le=2.0, description="Weight of the image prompt (IP-Adapter scale)."
+    )
+
+    @model_validator(mode="after")
+    def _image_inputs_agree(self) -> GenerateRequest:
+        if self.init_image is None:
+            for name in ("mask", "strength"):
+                if getattr(self, name) is not None:
+                    raise FieldConflict(name, f"{name} needs an init_image")
+        if self.start_image is not None and self.init_image is not None:
+            raise FieldConflict("start_image", "give init_image or start_image, not both")
+        if self.start_image is None and self.start_noise is not None:
+            raise FieldConflict("start_noise", "start_noise needs a start_image")
+        return self
+
+    @property
+    def image_fields(self) -> dict[str, str]:
+        """The request's image inputs by field name (what a provider model cannot take)."""
+        names = ("init_image", "mask", "start_image", "image_prompt")
+        images = {name: getattr(self, name) for name in names if getattr(self, name)}
+        if self.noise_mask is not None and self.noise_mask.image is not None:
+            images["noise_mask.image"] = self.noise_mask.image
+        return images
 
 
 class EncodedImage(BaseModel):

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from shared.api.schemas import GenerateRequest
+from shared.api.schemas import FieldConflict, GenerateRequest
 from shared.config import LimitsConfig, ModelConfig
 from shared.errors import InvalidRequestError, MalformedRequestError, PayloadTooLargeError
 
@@ -64,6 +64,10 @@ def from_validation_error(
             code=_LITERAL_CODES.get(param or "", "invalid_value"),
             param=param,
         )
+    cause = first.get("ctx", {}).get("error")
+    if isinstance(cause, FieldConflict):  # a rule between fields: name the one to fix
+        param = ".".join(filter(None, [param, cause.param]))
+        return InvalidRequestError(str(cause), code="invalid_value", param=param)
     return InvalidRequestError(f"{param}: {first['msg']}", code="invalid_value", param=param)
 
 
@@ -121,6 +125,14 @@ def _first_set(name: str, *values: int | None) -> int:
 def check_remote_request(request: GenerateRequest, limits: LimitsConfig) -> None:
     """The limits that apply to a provider model too (its own API checks the rest)."""
     _check_range("n", request.n, 1, limits.max_n)
+    images = request.image_fields
+    if images or request.noise_mask is not None:
+        param = next(iter(images), "noise_mask")
+        raise InvalidRequestError(
+            f"{param} is not supported for provider models (image inputs run on local models only)",
+            code="unsupported_for_provider",
+            param=param,
+        )
     if len(request.prompt) > limits.max_prompt_chars:
         raise InvalidRequestError(
             f"prompt is {len(request.prompt)} characters long; the limit is "

@@ -15,7 +15,7 @@ from shared.config.app import (
     StorageConfig,
 )
 from shared.config.deployment import AutoscalingConfig, DeploymentOptions
-from shared.config.models import LimitsConfig, ModelConfig
+from shared.config.models import IPAdapterConfig, LimitsConfig, ModelConfig
 
 __all__ = [
     "AppConfig",
@@ -26,6 +26,7 @@ __all__ = [
     "DeploymentOptions",
     "EncoderConfig",
     "EngineConfig",
+    "IPAdapterConfig",
     "LimitsConfig",
     "ModelConfig",
     "OpenAIImagesConfig",

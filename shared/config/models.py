@@ -23,7 +23,23 @@ class LimitsConfig(StrictConfig):
     max_guidance_scale: float = Field(30.0, ge=0, le=100, description="Largest guidance scale.")
     max_prompt_chars: int = Field(2000, ge=1, le=100_000, description="Longest prompt (chars).")
     max_body_bytes: int = Field(
-        1_000_000, ge=1024, le=100_000_000, description="Largest HTTP request body in bytes."
+        20_000_000,
+        ge=1024,
+        le=200_000_000,
+        description="Largest HTTP request body in bytes (sized for base64 images).",
+    )
+    max_image_bytes: int = Field(
+        10_000_000,
+        ge=1024,
+        le=100_000_000,
+        description="Largest encoded image file (PNG/JPEG/WebP bytes) in a request.",
+    )
+    max_image_pixels: int = Field(
+        4096 * 4096,
+        ge=64,
+        le=8192 * 8192,
+        description="Largest width*height of an input image, read from its header before "
+        "decoding (far below Pillow's decompression-bomb limit).",
     )
     preview_max_side: int = Field(256, ge=16, le=2048, description="Longest side of a preview.")
 
@@ -32,6 +48,26 @@ class LimitsConfig(StrictConfig):
         if self.min_side > self.max_side:
             raise ValueError(f"min_side ({self.min_side}) exceeds max_side ({self.max_side})")
         return self
+
+
+class IPAdapterConfig(StrictConfig):
+    """An IP-Adapter for image prompts, in the h94/IP-Adapter SDXL file layout."""
+
+    source: str = Field(
+        min_length=1,
+        description="`tiny-ip-adapter` (built in), a local folder, `s3://bucket/prefix`, or an HF "
+        "id such as `h94/IP-Adapter`.",
+    )
+    weight_name: str = Field(
+        "sdxl_models/ip-adapter_sdxl.safetensors",
+        min_length=1,
+        description="The adapter's weights (`image_proj.*` and `ip_adapter.*`), relative to source.",
+    )
+    image_encoder: str = Field(
+        "sdxl_models/image_encoder",
+        min_length=1,
+        description="Folder of the CLIPVisionModelWithProjection, relative to source.",
+    )
 
 
 class ModelConfig(StrictConfig):
@@ -78,6 +114,9 @@ class ModelConfig(StrictConfig):
         default_factory=dict,
         description="fsspec/s3fs options (endpoint_url, anon, client_kwargs.region_name, ...); "
         "credentials come from the environment.",
+    )
+    ip_adapter: IPAdapterConfig | None = Field(
+        None, description="IP-Adapter for `image_prompt`; unset refuses image prompts."
     )
     fallback: str | None = Field(
         None, description="Provider model (`provider/model`) to spill over to when busy."

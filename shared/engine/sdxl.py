@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
@@ -37,6 +38,18 @@ from shared.api.vocabulary import (
     PREVIEW_KINDS,
     PreviewKind,
 )
+from shared.engine.image_inputs import (
+    ImageLatents,
+    Inpainting,
+    NoiseInjector,
+    injection_generators,
+    latent_mask,
+    mask_to_tensor,
+    noise_level,
+    pixels_to_tensor,
+    start_latents,
+)
+from shared.engine.ip_adapter import has_ip_adapter, image_embeds_dim, set_row_scales
 from shared.engine.previews import (
     LatentRGBDecoder,
     PreviewDecoder,
@@ -51,6 +64,7 @@ from shared.errors import InvalidRequestError, RequestCancelledError, ServeError
 from shared.imaging import encode_image, to_pil
 
 StepHook = Callable[[StepEvent], None]
+LATENT_CHANNELS = 4  # SDXL's VAE; a 9-channel inpainting UNet adds mask + masked-image latents
 
 
 @dataclass
@@ -87,6 +101,8 @@ class Denoising:
     conditioning: Conditioning
     latents: torch.Tensor
     previewer: PreviewDecoder | None
+    inpainting: Inpainting | None = None
+    injector: NoiseInjector | None = None
     done: int = 0
     started: float = 0.0  # perf_counter at its first step
     denoise_ms: float = 0.0
@@ -129,6 +145,11 @@ class SDXLEngine:
         self.scheduler_config = dict(scheduler_config)
         build_scheduler(None, self.scheduler_config)  # a bad config fails here, not per request
         self.vae_decoder = VAEDecoder(vae, self.device)
+        self.image_latents = ImageLatents(self.vae_decoder, dtype)
+        # A 9-channel UNet is an inpainting checkpoint: mask and masked-image latents are inputs.
+        self.inpainting_unet = self.unet.config.in_channels == 9
+        self.ip_adapter = has_ip_adapter(self.unet)
+        self.image_embeds_dim = image_embeds_dim(self.unet) if self.ip_adapter else 0
         tiny = (
             TinyVAEDecoder(preview_decoder, self.device, dtype)
             if preview_decoder is not None
@@ -201,15 +222,24 @@ class SDXLEngine:
         build_scheduler(job.scheduler, self.scheduler_config)
 
     def prepare(self, job: DenoiseJob) -> Denoising:
-        """Check the job and set up its sampler, conditioning and initial noise."""
+        """Check the job and set up its sampler, conditioning and initial latents."""
         self._check_job(job)
         previewer = self._previewer(job.preview)
         scheduler = build_scheduler(job.scheduler, self.scheduler_config)
         with torch.inference_mode():
             conditioning = self._conditioning(job)
             sampling = self._sampling(job, scheduler)
-            latents = self._initial_latents(job, sampling)
-        return Denoising(job, sampling, conditioning, latents, previewer)
+            latents, inpainting = self._initial_latents(job, sampling)
+            injector = self._injector(job)
+        return Denoising(
+            job,
+            sampling,
+            conditioning,
+            latents,
+            previewer,
+            inpainting=inpainting,
+            injector=injector,
+        )
 
     def step(self, states: list[Denoising]) -> list[StepEvent]:
         """Advance every state by one step with a single UNet forward; one event per state.
@@ -275,6 +305,43 @@ class SDXLEngine:
             raise InvalidRequestError(
                 "preview_every and preview_max_side must be at least 1", param="preview_every"
             )
+        self._check_images(job)
+
+    def _check_images(self, job: DenoiseJob) -> None:
+        size = (job.height, job.width)
+        arrays = {
+            "init_image": (job.init_image, 3),
+            "mask": (job.mask, 2),
+            "start_image": (job.start_image, 3),
+            "noise_mask": (job.noise_mask.mask if job.noise_mask else None, 2),
+        }
+        for name, (array, ndim) in arrays.items():
+            if array is not None and (array.ndim != ndim or array.shape[:2] != size):
+                raise InvalidRequestError(
+                    f"{name} must be {job.width}x{job.height} pixels at this point; got an array "
+                    f"of shape {array.shape}",
+                    param=name,
+                )
+        if job.init_image is not None and _kept_steps(job) < 1:
+            raise InvalidRequestError(
+                f"strength {job.strength} with {job.steps} steps runs no step: "
+                "int(steps * strength) must be at least 1",
+                param="strength",
+            )
+        if job.image_embeds is not None:
+            if not self.ip_adapter:
+                raise InvalidRequestError(
+                    f"model {job.model!r} has no IP-Adapter configured, so it takes no "
+                    "image_prompt",
+                    code="image_prompt_unsupported",
+                    param="image_prompt",
+                )
+            if np.asarray(job.image_embeds).size != self.image_embeds_dim:
+                raise InvalidRequestError(
+                    f"image embeddings must have {self.image_embeds_dim} values; got "
+                    f"{np.asarray(job.image_embeds).size}",
+                    param="image_prompt",
+                )
 
     def _previewer(self, kind: PreviewKind) -> PreviewDecoder | None:
         if kind == "none":
@@ -322,52 +389,138 @@ class SDXLEngine:
         return tensor.repeat_interleave(count, dim=0)
 
     def _sampling(self, job: DenoiseJob, scheduler: SchedulerMixin) -> Sampling:
+        """The job's timesteps: all of them, or with an init image the last `strength` of them
+        (diffusers' `get_timesteps`: the first 1 - strength of the schedule is skipped)."""
         scheduler.set_timesteps(job.steps, device=self.device)
+        skipped = job.steps - _kept_steps(job) if job.init_image is not None else 0
+        begin = skipped * scheduler.order
         if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(0)
+            scheduler.set_begin_index(begin)
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in job.seeds]
         return Sampling(
-            scheduler, scheduler.timesteps, generators, step_kwargs(scheduler, generators)
+            scheduler, scheduler.timesteps[begin:], generators, step_kwargs(scheduler, generators)
         )
 
-    def _initial_latents(self, job: DenoiseJob, sampling: Sampling) -> torch.Tensor:
-        """Noise from one CPU generator per image, as diffusers' randn_tensor draws it."""
+    def _initial_latents(
+        self, job: DenoiseJob, sampling: Sampling
+    ) -> tuple[torch.Tensor, Inpainting | None]:
+        """The latents the loop starts from, drawing from the per-image generators in
+        diffusers' order: noise alone (text to image), the start image mixed with noise, the
+        init image's latents noised to the first kept timestep (img2img), or inpainting's."""
         shape = (
             len(job.seeds),
-            self.unet.config.in_channels,
+            LATENT_CHANNELS,
             job.height // self.vae_scale_factor,
             job.width // self.vae_scale_factor,
         )
-        noise = randn_tensor(
-            shape, generator=sampling.generators, device=self.device, dtype=self.dtype
+        generators = sampling.generators
+        scheduler = sampling.scheduler
+        if job.mask is not None or self.inpainting_unet:
+            return self._inpainting_latents(job, sampling, shape)
+        if job.start_image is not None:
+            sigma = float(scheduler.init_noise_sigma)
+            return start_latents(job, self.image_latents, generators, shape, sigma), None
+        if job.init_image is not None:
+            image = pixels_to_tensor(job.init_image, self.device)
+            latents = self.image_latents.encode_each(image, generators)
+            noise = randn_tensor(shape, generator=generators, device=self.device, dtype=self.dtype)
+            first = sampling.timesteps[:1].repeat(len(job.seeds))
+            return scheduler.add_noise(latents, noise, first), None
+        noise = randn_tensor(shape, generator=generators, device=self.device, dtype=self.dtype)
+        return noise * scheduler.init_noise_sigma, None
+
+    def _inpainting_latents(
+        self, job: DenoiseJob, sampling: Sampling, shape: tuple[int, ...]
+    ) -> tuple[torch.Tensor, Inpainting]:
+        """`StableDiffusionXLInpaintPipeline`'s start, generator draw for generator draw.
+
+        Without a mask (a 9-channel model asked for text to image or img2img) the whole image
+        is repainted, as diffusers does with an all-white mask. Like diffusers, the image and
+        the masked image are each encoded once with the first image's generator.
+        """
+        count, generators, scheduler = len(job.seeds), sampling.generators, sampling.scheduler
+        height, width = job.height, job.width
+        # No init image: a black one, as a caller of diffusers' pipeline would pass (the mask
+        # repaints all of it, so only its layout and its -1 values reach the VAE).
+        black = np.zeros((height, width, 3), dtype=np.uint8)
+        pixels = job.init_image if job.init_image is not None else black
+        image = pixels_to_tensor(pixels, self.device)
+        mask = (
+            mask_to_tensor(job.mask, self.device)
+            if job.mask is not None
+            else torch.ones((1, 1, height, width), device=self.device)
         )
-        return noise * sampling.scheduler.init_noise_sigma
+        full_strength = job.init_image is None or job.strength == 1.0
+        image_latents = None
+        if not self.inpainting_unet or not full_strength:
+            image_latents = self.image_latents.encode(image, generators[0]).repeat(count, 1, 1, 1)
+        noise = randn_tensor(shape, generator=generators, device=self.device, dtype=self.dtype)
+        if full_strength:
+            latents = noise * scheduler.init_noise_sigma
+        else:
+            assert image_latents is not None
+            first = sampling.timesteps[:1].repeat(count)
+            latents = scheduler.add_noise(image_latents, noise, first)
+        small_mask = F.interpolate(mask, size=shape[-2:]).to(self.dtype).repeat(count, 1, 1, 1)
+        masked = image * (mask < 0.5)
+        if self.inpainting_unet:
+            masked_latents = self.image_latents.encode(masked, generators[0])
+            return latents, Inpainting(
+                small_mask, masked_latents.repeat(count, 1, 1, 1), None, None
+            )
+        # diffusers encodes the masked image here even for a 4-channel UNet, which only moves
+        # the first generator on; draw the same numbers so ancestral samplers stay equal.
+        randn_tensor((1, *shape[1:]), generator=generators[0], device=self.device)
+        return latents, Inpainting(small_mask, None, image_latents, noise)
+
+    def _injector(self, job: DenoiseJob) -> NoiseInjector | None:
+        spec = job.noise_mask
+        if spec is None or spec.strength == 0:
+            return None
+        size = (job.height // self.vae_scale_factor, job.width // self.vae_scale_factor)
+        return NoiseInjector(
+            mask=latent_mask(spec.mask, size, self.device).to(self.dtype),
+            strength=spec.strength,
+            start=spec.start,
+            end=spec.end,
+            generators=injection_generators(job.seeds),
+        )
 
     # -- denoise ---------------------------------------------------------------------------
 
     def _denoise_step(self, states: list[Denoising]) -> list[tuple[torch.Tensor, Any]]:
-        """One UNet call for every state, then each state's own guidance and scheduler step;
-        also returns each scheduler's x0 prediction (when it makes one), which previews far
-        better than the still-noisy latents."""
+        """One UNet call for every state, then each state's own guidance, scheduler step and
+        corrections (inpainting's blend, injected noise); also returns each scheduler's x0
+        prediction (when it makes one), which previews far better than the still-noisy
+        latents."""
         inputs, timesteps = [], []
         for state in states:
             scheduler = state.sampling.scheduler
             timestep = state.sampling.timesteps[state.done]
             latents = state.latents
-            model_input = torch.cat([latents] * 2) if state.conditioning.uses_cfg else latents
-            inputs.append(scheduler.scale_model_input(model_input, timestep))
+            cfg = state.conditioning.uses_cfg
+            model_input = torch.cat([latents] * 2) if cfg else latents
+            model_input = scheduler.scale_model_input(model_input, timestep)
+            if state.inpainting is not None:
+                model_input = state.inpainting.unet_input(model_input, cfg)
+            inputs.append(model_input)
             # One timestep per row; float like the UNet's own time projection, so integer
             # (DDIM) and float (Euler) timesteps can share a call.
             timesteps.append(timestep.float().expand(model_input.shape[0]))
+        added = {
+            "text_embeds": torch.cat([s.conditioning.text_embeds for s in states]),
+            "time_ids": torch.cat([s.conditioning.time_ids for s in states]),
+        }
+        if self.ip_adapter:
+            embeds, scales = self._image_prompt_rows(states)
+            set_row_scales(self.unet, scales)
+            added["image_embeds"] = [embeds]
         noise = self.unet(
             torch.cat(inputs),
             torch.cat(timesteps),
             encoder_hidden_states=torch.cat([s.conditioning.prompt_embeds for s in states]),
             timestep_cond=None,
-            added_cond_kwargs={
-                "text_embeds": torch.cat([s.conditioning.text_embeds for s in states]),
-                "time_ids": torch.cat([s.conditioning.time_ids for s in states]),
-            },
+            added_cond_kwargs=added,
             return_dict=False,
         )[0]
         outputs = []
@@ -375,17 +528,45 @@ class SDXLEngine:
         for state in states:
             own = noise[offset : offset + state.rows]
             offset += state.rows
-            conditioning = state.conditioning
-            if conditioning.uses_cfg:
-                uncond, text = own.chunk(2)
-                own = uncond + conditioning.guidance_scale * (text - uncond)
-            sampling = state.sampling
-            timestep = sampling.timesteps[state.done]
-            output = sampling.scheduler.step(
-                own, timestep, state.latents, **sampling.step_kwargs, return_dict=True
-            )
-            outputs.append((output.prev_sample, getattr(output, "pred_original_sample", None)))
+            outputs.append(self._scheduler_step(state, own))
         return outputs
+
+    def _scheduler_step(self, state: Denoising, noise: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        conditioning, sampling = state.conditioning, state.sampling
+        if conditioning.uses_cfg:
+            uncond, text = noise.chunk(2)
+            noise = uncond + conditioning.guidance_scale * (text - uncond)
+        timestep = sampling.timesteps[state.done]
+        output = sampling.scheduler.step(
+            noise, timestep, state.latents, **sampling.step_kwargs, return_dict=True
+        )
+        latents = output.prev_sample
+        done = state.done + 1
+        following = sampling.timesteps[done] if done < state.total else None
+        if state.inpainting is not None:
+            latents = state.inpainting.blend(latents, sampling.scheduler, following)
+        injector = state.injector
+        if injector is not None and following is not None and injector.active(done, state.total):
+            latents = injector.apply(latents, noise_level(sampling.scheduler, following))
+        return latents, getattr(output, "pred_original_sample", None)
+
+    def _image_prompt_rows(self, states: list[Denoising]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per UNet row an image embedding (1, dim) and an adapter scale: the request's own for
+        its conditional rows, zeros for its unconditional ones (diffusers' negative image
+        embeds), and a zero scale for requests without an image prompt."""
+        embeds, scales = [], []
+        for state in states:
+            job, rows = state.job, state.rows
+            scale = job.image_prompt_scale if job.image_embeds is not None else 0.0
+            scales.append(torch.full((rows,), scale, dtype=self.dtype, device=self.device))
+            if job.image_embeds is None:
+                embeds.append(torch.zeros((rows, 1, self.image_embeds_dim), device=self.device))
+                continue
+            image = torch.tensor(np.asarray(job.image_embeds), device=self.device)
+            image = image.reshape(1, 1, -1).repeat(state.latents.shape[0], 1, 1)
+            parts = [torch.zeros_like(image), image] if state.conditioning.uses_cfg else [image]
+            embeds.append(torch.cat(parts))
+        return torch.cat(embeds).to(self.dtype), torch.cat(scales)
 
     def _event(self, state: Denoising, predicted: torch.Tensor | None, step_ms: float) -> StepEvent:
         job, index = state.job, state.done
@@ -436,6 +617,11 @@ class SDXLEngine:
                 )
             )
         return images
+
+
+def _kept_steps(job: DenoiseJob) -> int:
+    """Steps an init image's `strength` keeps (diffusers: `int(steps * strength)`)."""
+    return min(int(job.steps * job.strength), job.steps)
 
 
 def _raise_if_cancelled(job: DenoiseJob, cancelled: Callable[[], bool]) -> None:

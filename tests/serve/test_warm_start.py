@@ -14,6 +14,7 @@ from tests.serve.harness import app_args, wait_ready
 
 APP = "warm-start"
 REQUEST = {"model": "warm", "width": 64, "height": 64, "steps": 4}
+COLD_MARGIN_S = 0.1
 
 
 def test_the_first_request_costs_what_the_next_ones_do(
@@ -40,5 +41,7 @@ def test_the_first_request_costs_what_the_next_ones_do(
     finally:
         serve.delete(APP)
     later = statistics.median(walls[1:])
-    assert walls[0] <= 1.2 * later, (walls, encode_ms)
+    # A cold start (weights fetched, modules built, first forwards) costs over half a second on
+    # this model; the margin only absorbs the first request's connection and scheduling noise.
+    assert walls[0] <= 1.2 * later + COLD_MARGIN_S, (walls, encode_ms)
     assert encode_ms[0] <= 1.2 * statistics.median(encode_ms[1:]) + 20, encode_ms
