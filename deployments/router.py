@@ -21,12 +21,20 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from shared.api.embeddings import (
+    EmbeddingsRequest,
+    EmbeddingsResponse,
+    embeddings_response,
+    is_image_input,
+    parse_embeddings_request,
+)
 from shared.api.http_errors import (
     BUSY_RETRY_AFTER_S,
     error_event,
     new_request_id,
     to_serve_error,
 )
+from shared.api.images import decode_image, rgb_pixels
 from shared.api.jobs import DenoiseJob
 from shared.api.request_images import (
     DecodedImages,
@@ -92,6 +100,18 @@ async def _ping(handle: DeploymentHandle, method: str = "ping") -> str:
         return f"unavailable: {type(exc).__name__}"
 
 
+def _embedding_items(request: EmbeddingsRequest, limits: LimitsConfig) -> list[Any]:
+    """Texts as they are, `data:image/` items decoded by the intake to uint8 RGB."""
+    items: list[Any] = []
+    for index, item in enumerate(request.inputs):
+        if is_image_input(item):
+            param = "input" if isinstance(request.input, str) else f"input.{index}"
+            items.append(rgb_pixels(decode_image(item, param=param, limits=limits)))
+        else:
+            items.append(item)
+    return items
+
+
 def _finish(event: Event, model: str, started: float, encode_ms: float) -> Event:
     """Stamp a result with the model id the client asked for and the end-to-end timings."""
     if isinstance(event, ResultEvent):
@@ -140,6 +160,12 @@ class Router:
     async def models(self) -> list[ModelCard]:
         return await self.list_models()
 
+    async def embeddings(self, request: EmbeddingsRequest | dict[str, Any]) -> EmbeddingsResponse:
+        """CLIP embeddings of texts and images, as POST /v1/embeddings answers them."""
+        if not isinstance(request, EmbeddingsRequest):
+            request = parse_embeddings_request(request, self._config.limits)
+        return await self.create_embeddings(request, new_request_id())
+
     # ---- Backend (the HTTP routes call these) ---------------------------------------------
 
     @property
@@ -185,6 +211,17 @@ class Router:
                 await events.aclose()
         except Exception as exc:
             raise _from_ray(exc, request_id) from None
+
+    async def create_embeddings(
+        self, request: EmbeddingsRequest, request_id: str
+    ) -> EmbeddingsResponse:
+        try:
+            model = self._model(request.model)
+            items = await asyncio.to_thread(_embedding_items, request, self._config.limits)
+            vectors, tokens = await self._encoder.embed.remote(model.id, items)
+        except Exception as exc:
+            raise _from_ray(exc, request_id) from None
+        return embeddings_response(request.model, vectors, request.encoding_format, tokens)
 
     async def list_models(self) -> list[ModelCard]:
         try:

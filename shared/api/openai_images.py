@@ -1,21 +1,22 @@
-"""OpenAI's Images API on top of our contract: `POST /v1/images/generations` requests become a
-`GenerateRequest`, and our events become OpenAI's answer or its SSE stream
-(`image_generation.partial_image` from step previews at evenly spaced steps, then
-`image_generation.completed`), so the official `openai` SDK works unchanged; `url` answers store
-the images first. Torch-free.
+"""OpenAI's Images API on top of our contract: `POST /v1/images/generations` requests (and
+`/v1/images/edits`, whose form `shared.api.openai_edits` reads) become a `GenerateRequest`, and
+our events become OpenAI's answer or its SSE stream (`<kind>.partial_image` from step previews
+at evenly spaced steps, then `<kind>.completed`), so the official `openai` SDK works unchanged;
+`url` answers store the images first. Torch-free.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import copy
 import io
 import json
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any, Literal
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from typing import Any, ClassVar, Literal
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -29,7 +30,7 @@ from shared.api.schemas import (
     ResultEvent,
     StepEvent,
 )
-from shared.api.validation import from_validation_error
+from shared.api.validation import from_validation_error, parse_request
 from shared.api.vocabulary import ImageFormat, SchedulerName
 from shared.config import OpenAIImagesConfig
 from shared.errors import InvalidRequestError, ServeError
@@ -40,11 +41,13 @@ Quality = Literal["low", "medium", "high", "auto", "standard", "hd"]
 SIZE = re.compile(r"^(\d{2,5})x(\d{2,5})$")
 
 
-class ImagesGenerationRequest(BaseModel):
-    """The body of `POST /v1/images/generations`: OpenAI's fields plus our own knobs, which
-    the SDK sends as `extra_body`."""
+class ImagesRequest(BaseModel):
+    """What `POST /v1/images/generations` and `/v1/images/edits` share: OpenAI's fields plus
+    our own knobs (the SDK sends those as `extra_body`)."""
 
     model_config = ConfigDict(extra="forbid")
+    # The prefix of OpenAI's stream event types for this route.
+    stream_event: ClassVar[str]
 
     model: str = Field(min_length=1, max_length=200, description="Model id from /v1/models.")
     prompt: str = Field(min_length=1, description="What to draw.")
@@ -61,10 +64,8 @@ class ImagesGenerationRequest(BaseModel):
     background: Literal["transparent", "opaque", "auto"] | None = Field(
         default=None, description="`opaque` or `auto`; SDXL cannot make transparent images."
     )
-    moderation: Literal["low", "auto"] | None = Field(default=None, description="Accepted.")
     user: str | None = Field(default=None, max_length=256, description="Accepted, not stored.")
     safety_identifier: str | None = Field(default=None, max_length=256, description="Accepted.")
-    style: Literal["vivid", "natural"] | None = Field(default=None, description="Accepted.")
     stream: bool = Field(default=False, description="Stream partial images as SSE.")
     partial_images: int = Field(default=0, ge=0, le=3, description="Partial images streamed.")
     negative_prompt: str | None = Field(default=None, description="What to steer away from.")
@@ -72,6 +73,15 @@ class ImagesGenerationRequest(BaseModel):
     steps: int | None = Field(default=None, description="Denoising steps; overrides quality.")
     guidance_scale: float | None = Field(default=None, description="Classifier-free guidance.")
     scheduler: SchedulerName | None = Field(default=None, description="Sampler name.")
+
+
+class ImagesGenerationRequest(ImagesRequest):
+    """The body of `POST /v1/images/generations`."""
+
+    stream_event: ClassVar[str] = "image_generation"
+
+    moderation: Literal["low", "auto"] | None = Field(default=None, description="Accepted.")
+    style: Literal["vivid", "natural"] | None = Field(default=None, description="Accepted.")
 
 
 def parse_images_request(body: dict[str, Any]) -> ImagesGenerationRequest:
@@ -82,9 +92,13 @@ def parse_images_request(body: dict[str, Any]) -> ImagesGenerationRequest:
 
 
 def to_generate_request(
-    request: ImagesGenerationRequest, config: OpenAIImagesConfig, can_store: bool = False
+    request: ImagesRequest,
+    config: OpenAIImagesConfig,
+    can_store: bool = False,
+    images: dict[str, Any] | None = None,
 ) -> GenerateRequest:
-    """Our request for an OpenAI one; what we cannot honour is refused, never ignored."""
+    """Our request for an OpenAI one, with our `images` fields (an edit's init image, mask and
+    strength); what we cannot honour is refused, never ignored."""
     if request.background == "transparent":
         raise InvalidRequestError(
             "background 'transparent' is not supported: SDXL makes opaque images; use 'opaque' "
@@ -120,7 +134,7 @@ def to_generate_request(
         # A preview at `partial_images` evenly spaced steps before the last one.
         fields["preview"] = "full"
         fields["preview_every"] = max(1, steps // (request.partial_images + 1))
-    return GenerateRequest(**fields)
+    return parse_request({**fields, **(images or {})})
 
 
 def _size(size: str) -> tuple[int | None, int | None]:
@@ -134,14 +148,14 @@ def _size(size: str) -> tuple[int | None, int | None]:
     return int(match.group(1)), int(match.group(2))
 
 
-def _encode(b64: str, request: ImagesGenerationRequest) -> str:
+def _encode(b64: str, request: ImagesRequest) -> str:
     """An image in the requested format and compression (previews arrive as JPEG)."""
     image = Image.open(io.BytesIO(base64.b64decode(b64)))
     quality = request.output_compression if request.output_compression is not None else 90
     return encode_image(image, request.output_format, quality=quality)
 
 
-def _common(request: ImagesGenerationRequest, width: int, height: int) -> dict[str, Any]:
+def _common(request: ImagesRequest, width: int, height: int) -> dict[str, Any]:
     return {
         "size": f"{width}x{height}",
         "quality": request.quality if request.quality in ("low", "medium", "high") else "auto",
@@ -160,7 +174,7 @@ NO_USAGE = {
 }
 
 
-def encoded_images(request: ImagesGenerationRequest, response: GenerateResponse) -> list[str]:
+def encoded_images(request: ImagesRequest, response: GenerateResponse) -> list[str]:
     """Each image as base64 in the requested format and compression."""
     if request.output_compression is None:
         return [image.b64 for image in response.images]
@@ -168,7 +182,7 @@ def encoded_images(request: ImagesGenerationRequest, response: GenerateResponse)
 
 
 def images_response(
-    request: ImagesGenerationRequest, response: GenerateResponse, urls: list[str] | None = None
+    request: ImagesRequest, response: GenerateResponse, urls: list[str] | None = None
 ) -> dict[str, Any]:
     """OpenAI's `ImagesResponse` for a finished generation: base64 images, or their URLs."""
     first = response.images[0]
@@ -191,7 +205,7 @@ class PartialImages:
     """Turns our step events into OpenAI's partial-image events: at most `partial_images`,
     from the previews of steps before the last."""
 
-    def __init__(self, request: ImagesGenerationRequest) -> None:
+    def __init__(self, request: ImagesRequest) -> None:
         self.request = request
         self.sent = 0
 
@@ -204,7 +218,7 @@ class PartialImages:
                 break
             out.append(
                 {
-                    "type": "image_generation.partial_image",
+                    "type": f"{self.request.stream_event}.partial_image",
                     "b64_json": _encode(preview.b64, self.request),
                     "created_at": int(time.time()),
                     "partial_image_index": self.sent,
@@ -217,7 +231,7 @@ class PartialImages:
     def completed(self, response: GenerateResponse) -> list[dict[str, Any]]:
         return [
             {
-                "type": "image_generation.completed",
+                "type": f"{self.request.stream_event}.completed",
                 "b64_json": _encode(image.b64, self.request),
                 "created_at": int(time.time()),
                 "usage": NO_USAGE,
@@ -234,7 +248,7 @@ def _openai_sse(payload: dict[str, Any]) -> str:
 async def encode_openai_stream(
     first: Event,
     rest: AsyncGenerator[Event, None],
-    request: ImagesGenerationRequest,
+    request: ImagesRequest,
     request_id: str,
 ) -> AsyncIterator[str]:
     """Our events as OpenAI's image-generation SSE events; a failure is OpenAI's error event."""
@@ -268,7 +282,7 @@ async def store_images(
     store: OutputStore,
     request: GenerateRequest,
     response: GenerateResponse,
-    images_request: ImagesGenerationRequest,
+    images_request: ImagesRequest,
     base_url: str,
 ) -> list[str]:
     """Write each image (once: keys come from the request id) with its metadata; their URLs."""
@@ -285,7 +299,8 @@ async def store_images(
             "width": image.width,
             "height": image.height,
             "format": images_request.output_format,
-            "request": request.model_dump(exclude={"stream"}),
+            # Input images stay out: the metadata describes the output, and they can be MBs.
+            "request": request.model_dump(exclude={"stream", *request.image_fields}),
             "timings": response.timings.model_dump(),
         }
         data = base64.b64decode(b64)
@@ -301,3 +316,12 @@ def as_openai_error(error: InvalidRequestError) -> ServeError:
     openai_error = copy.copy(error)
     openai_error.status = 400
     return openai_error
+
+
+@contextlib.contextmanager
+def openai_errors() -> Iterator[None]:
+    """Inside an OpenAI route: a broken rule is OpenAI's 400 (`as_openai_error`)."""
+    try:
+        yield
+    except InvalidRequestError as exc:
+        raise as_openai_error(exc) from None

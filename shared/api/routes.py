@@ -9,17 +9,24 @@ resolve the route signatures from real objects, not strings.
 """
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
+from shared.api.embeddings import (
+    EmbeddingsRequest,
+    EmbeddingsResponse,
+    check_dimensions,
+    parse_embeddings_request,
+)
 from shared.api.http_errors import (
     check_api_key,
     error_event,
@@ -27,11 +34,14 @@ from shared.api.http_errors import (
     request_id_of,
     to_serve_error,
 )
+from shared.api.noise_masks import pattern_catalog
+from shared.api.openai_edits import FORM, ImagesEditRequest, edit_form_schema, edit_request
 from shared.api.openai_images import (
     ImagesGenerationRequest,
-    as_openai_error,
+    ImagesRequest,
     encode_openai_stream,
     images_response,
+    openai_errors,
     parse_images_request,
     store_images,
     to_generate_request,
@@ -59,7 +69,6 @@ from shared.api.wire import (
 )
 from shared.config import LimitsConfig, OpenAIImagesConfig
 from shared.errors import (
-    InvalidRequestError,
     NotFoundError,
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
@@ -102,6 +111,10 @@ class Backend(Protocol):
         self, request: GenerateRequest, request_id: str
     ) -> AsyncGenerator[Event, None]: ...
 
+    async def create_embeddings(
+        self, request: EmbeddingsRequest, request_id: str
+    ) -> EmbeddingsResponse: ...
+
     async def list_models(self) -> list[ModelCard]: ...
 
     async def readiness(self) -> dict[str, Any]: ...
@@ -110,26 +123,31 @@ class Backend(Protocol):
 # ---- body intake and stream encoding ---------------------------------------------------------
 
 
-async def read_json_body(request: Request, max_bytes: int) -> dict[str, Any]:
-    """The JSON object body, refusing a wrong media type (415) or an oversized body (413)
-    before reading it whole: a declared length is checked first, a streamed one as it arrives."""
-    media_type = request.headers.get("content-type", "application/json").split(";")[0].strip()
-    if media_type.lower() not in JSON_TYPES and not media_type.lower().endswith("+json"):
-        raise UnsupportedMediaTypeError(
-            f"content-type {media_type!r} is not accepted here; send application/json"
-        )
+async def limited_body(request: Request, max_bytes: int) -> AsyncGenerator[bytes, None]:
+    """The body's chunks, refusing an oversized body (413) before reading it whole: a declared
+    length is checked first, a streamed one as it arrives."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise PayloadTooLargeError(
             f"request body is {int(declared)} bytes; the limit is {max_bytes}"
         )
-    chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > max_bytes:
             raise PayloadTooLargeError(f"request body exceeds the limit of {max_bytes} bytes")
-        chunks.append(chunk)
+        yield chunk
+
+
+async def read_json_body(request: Request, max_bytes: int) -> dict[str, Any]:
+    """The JSON object body, refusing a wrong media type (415) or an oversized body (413)."""
+    media_type = request.headers.get("content-type", "application/json").split(";")[0].strip()
+    media_type = media_type.lower()
+    if media_type not in JSON_TYPES and not media_type.endswith("+json"):
+        raise UnsupportedMediaTypeError(
+            f"content-type {media_type!r} is not accepted here; send application/json"
+        )
+    chunks = [chunk async for chunk in limited_body(request, max_bytes)]
     return parse_body(b"".join(chunks), max_bytes)
 
 
@@ -197,6 +215,34 @@ async def start_stream(
     )
 
 
+async def answer_images(
+    request: Request,
+    backend: Backend,
+    images_request: ImagesRequest,
+    generate_request: GenerateRequest,
+) -> Response:
+    """An Images API route's answer (generations, edits): OpenAI's JSON (the images stored
+    first for `url`), or its SSE stream."""
+    request_id = request_id_of(request)
+    with openai_errors():
+        if not images_request.stream:
+            response = await backend.generate_response(generate_request, request_id)
+            urls = None
+            store = backend.output_store
+            if images_request.response_format == "url" and store is not None:
+                urls = await store_images(
+                    store, generate_request, response, images_request, str(request.base_url)
+                )
+            return JSONResponse(images_response(images_request, response, urls))
+        events = backend.stream_events(generate_request, request_id)
+        first = await first_event(events)
+    return StreamingResponse(
+        encode_openai_stream(first, events, images_request, request_id),
+        media_type=SSE,
+        headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+    )
+
+
 # ---- OpenAPI ---------------------------------------------------------------------------------
 
 
@@ -204,12 +250,17 @@ def _ref(model: type[BaseModel]) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{model.__name__}"}
 
 
+def _body(media_type: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {media_type: {"schema": schema}}}}
+
+
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     descriptions = {
-        400: "Malformed body (not JSON, or not an object).",
+        400: "Malformed body (not JSON or not an object, a broken form, an unreadable image); "
+        "on OpenAI's routes also a field that breaks a rule (`param` names it).",
         404: "Unknown model or route.",
-        413: "Body larger than `limits.max_body_bytes`.",
-        415: "Body is not application/json.",
+        413: "Body larger than `limits.max_body_bytes`, or an image over the image limits.",
+        415: "Body is not in the route's media type, or an image is not PNG, JPEG or WebP.",
         422: "A field breaks a rule or a configured limit; `param` names it.",
         429: "Every replica is busy and its queue is full; retry after `Retry-After` seconds.",
         500: "Unexpected failure; the message carries the request id.",
@@ -224,12 +275,17 @@ _STREAM_EVENT = {
     "oneOf": [_ref(QueuedEvent), _ref(StepEvent), _ref(ResultEvent), _ref(ErrorEvent)],
     "discriminator": {"propertyName": "event"},
 }
-_GENERATE_OPENAPI: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": _ref(GenerateRequest)}},
-    }
-}
+
+
+def _images_responses(kind: type[ImagesRequest]) -> dict[int | str, dict[str, Any]]:
+    events = f"`{kind.stream_event}.partial_image`, `{kind.stream_event}.completed`"
+    return {
+        200: {"description": f"OpenAI's ImagesResponse, or with `stream: true` its SSE events "
+              f"({events})."},
+        **_errors(400, 404, 413, 415, 429, 500, 503),
+    }  # fmt: skip
+
+
 _GENERATE_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "The images (JSON), or with `stream: true` a `queued` event, one event "
@@ -246,6 +302,7 @@ _GENERATE_RESPONSES: dict[int | str, dict[str, Any]] = {
 _DOCUMENTED = (
     GenerateRequest,
     ImagesGenerationRequest,
+    EmbeddingsRequest,
     GenerateResponse,
     QueuedEvent,
     StepEvent,
@@ -258,6 +315,22 @@ _DOCUMENTED = (
 class ModelList(BaseModel):
     object: str = "list"
     data: list[ModelCard]
+
+
+class NoiseMask(BaseModel):
+    name: str = Field(description="The name a request gives as `noise_mask.pattern`.")
+    description: str
+    preview: str = Field(description="A 64x64 base64 PNG of the pattern, white = noise.")
+
+
+class NoiseMaskList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[NoiseMask]
+
+
+@functools.cache
+def noise_mask_list() -> NoiseMaskList:
+    return NoiseMaskList(data=[NoiseMask(**entry) for entry in pattern_catalog()])
 
 
 def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
@@ -308,7 +381,7 @@ def build_api(
     @app.post(
         "/v1/generate",
         summary="Generate images",
-        openapi_extra=_GENERATE_OPENAPI,
+        openapi_extra=_body("application/json", _ref(GenerateRequest)),
         responses=_GENERATE_RESPONSES,
         response_class=JSONResponse,
     )
@@ -341,49 +414,64 @@ def build_api(
     @app.post(
         "/v1/images/generations",
         summary="Generate images (OpenAI's Images API)",
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": _ref(ImagesGenerationRequest)}},
-            }
-        },
-        responses={
-            200: {
-                "description": "OpenAI's ImagesResponse, or with `stream: true` its SSE events "
-                "(`image_generation.partial_image`, `image_generation.completed`)."
-            },
-            **_errors(400, 404, 413, 415, 429, 500, 503),
-        },
+        openapi_extra=_body("application/json", _ref(ImagesGenerationRequest)),
+        responses=_images_responses(ImagesGenerationRequest),
         response_class=JSONResponse,
     )
     async def images_generations(
         request: Request, backend: Backend = backend_dependency
     ) -> Response:
-        request_id = request_id_of(request)
-        try:
+        with openai_errors():
             body = await read_json_body(request, backend.limits.max_body_bytes)
             images_request = parse_images_request(body)
-            store = backend.output_store
+            can_store = backend.output_store is not None
             generate_request = to_generate_request(
-                images_request, backend.openai_images, can_store=store is not None
+                images_request, backend.openai_images, can_store=can_store
             )
-            if not images_request.stream:
-                response = await backend.generate_response(generate_request, request_id)
-                urls = None
-                if images_request.response_format == "url" and store is not None:
-                    urls = await store_images(
-                        store, generate_request, response, images_request, str(request.base_url)
-                    )
-                return JSONResponse(images_response(images_request, response, urls))
-            events = backend.stream_events(generate_request, request_id)
-            first = await first_event(events)
-        except InvalidRequestError as exc:
-            raise as_openai_error(exc) from None
-        return StreamingResponse(
-            encode_openai_stream(first, events, images_request, request_id),
-            media_type=SSE,
-            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-        )
+        return await answer_images(request, backend, images_request, generate_request)
+
+    @app.post(
+        "/v1/images/edits",
+        summary="Edit an image (OpenAI's Images API): repaint it inside a mask, or as a whole",
+        openapi_extra=_body(FORM, edit_form_schema()),
+        responses=_images_responses(ImagesEditRequest),
+        response_class=JSONResponse,
+    )
+    async def images_edits(request: Request, backend: Backend = backend_dependency) -> Response:
+        with openai_errors():
+            body = limited_body(request, backend.limits.max_body_bytes)
+            can_store = backend.output_store is not None
+            edit, generate_request = await edit_request(
+                request.headers, body, backend.openai_images, backend.limits, can_store
+            )
+        return await answer_images(request, backend, edit, generate_request)
+
+    @app.post(
+        "/v1/embeddings",
+        summary="Embed text and images with the model's CLIP encoders (OpenAI's embeddings API)",
+        openapi_extra=_body("application/json", _ref(EmbeddingsRequest)),
+        responses={
+            200: {"description": "One vector per input item.", "model": EmbeddingsResponse},
+            **_errors(400, 404, 413, 415, 429, 500, 503),
+        },
+        response_class=JSONResponse,
+    )
+    async def embeddings(request: Request, backend: Backend = backend_dependency) -> Response:
+        with openai_errors():
+            body = await read_json_body(request, backend.limits.max_body_bytes)
+            embeddings_request = parse_embeddings_request(body, backend.limits)
+            response = await backend.create_embeddings(embeddings_request, request_id_of(request))
+            check_dimensions(embeddings_request, response)
+        return JSONResponse(response.model_dump())
+
+    @app.get(
+        "/v1/noise-masks",
+        summary="List the noise-injection mask patterns a request can name",
+        responses=_errors(500),
+        dependencies=[backend_dependency],
+    )
+    async def noise_masks() -> NoiseMaskList:
+        return noise_mask_list()
 
     @app.get(
         "/v1/files/{key:path}",

@@ -61,7 +61,7 @@ class IPAdapterConfig(StrictConfig):
     weight_name: str = Field(
         "sdxl_models/ip-adapter_sdxl.safetensors",
         min_length=1,
-        description="The adapter's weights (`image_proj.*` and `ip_adapter.*`), relative to source.",
+        description="The adapter weights (`image_proj.*`, `ip_adapter.*`), relative to source.",
     )
     image_encoder: str = Field(
         "sdxl_models/image_encoder",

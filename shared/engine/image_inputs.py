@@ -128,8 +128,8 @@ def noise_level(scheduler: SchedulerMixin, timestep: torch.Tensor) -> float:
     UniPC)."""
     sigmas = getattr(scheduler, "sigmas", None)
     step_index = getattr(scheduler, "step_index", None)
-    sigma_space = getattr(scheduler, "init_noise_sigma", 1.0) != 1.0 and sigmas is not None
-    if sigma_space and step_index is not None and step_index < len(sigmas):
+    sigma_space = getattr(scheduler, "init_noise_sigma", 1.0) != 1.0
+    if sigma_space and sigmas is not None and step_index is not None and step_index < len(sigmas):
         return float(sigmas[step_index])
     alphas = scheduler.alphas_cumprod
     index = int(timestep.round().long().clamp(0, len(alphas) - 1))

@@ -1,10 +1,11 @@
-"""Torch modules, tokenizers and scheduler configs built back from `ComponentWeights`.
+"""Torch modules, tokenizers, image processors and scheduler configs built back from
+`ComponentWeights`.
 
-Replicas call `build_module`, `build_tokenizer` and `build_scheduler_config` on the components
-that ModelCache keeps in the object store. On CPU with the stored dtype a module's parameters are
-views of the component's arrays, so weights are not copied on CPU and replicas on one node share
-a single copy. torch, diffusers, transformers and accelerate are imported inside the build
-functions, so importing this module stays light.
+Replicas call `build_module`, `build_state_dict`, `build_tokenizer`, `build_image_processor` and
+`build_scheduler_config` on the components that ModelCache keeps in the object store. On CPU
+with the stored dtype a module's parameters are views of the component's arrays, so weights are
+not copied on CPU and replicas on one node share a single copy. torch, diffusers, transformers
+and accelerate are imported inside the build functions, so importing this module stays light.
 """
 
 from __future__ import annotations
@@ -70,6 +71,16 @@ def build_module(
     if torch.device(device).type != "cpu" or dtype is not None:
         module.to(device=device, dtype=dtype)  # buffers made at construction; parameters are no-ops
     return module.eval().requires_grad_(False)
+
+
+def build_state_dict(
+    weights: ComponentWeights, device: str = "cpu", dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """The component's tensors by checkpoint key (an IP-Adapter's weights, which diffusers
+    installs into a UNet itself); on CPU in the stored dtype they are views of its arrays."""
+    return {
+        key: _to_device(_tensor_view(blob), device, dtype) for key, blob in weights.tensors.items()
+    }
 
 
 def _instantiate(weights: ComponentWeights) -> torch.nn.Module:
@@ -232,6 +243,25 @@ def build_tokenizer(weights: ComponentWeights) -> transformers.PreTrainedTokeniz
                 f"{', '.join(sorted(weights.files))}: {exc}",
                 code="unsupported_model",
             ) from None
+
+
+def build_image_processor(weights: ComponentWeights) -> transformers.CLIPImageProcessor:
+    """The CLIPImageProcessor of a vision encoder component: from its preprocessor_config.json
+    if it has one, else the one diffusers' `load_ip_adapter` makes for encoders without one
+    (h94/IP-Adapter's): CLIP defaults at the encoder's own `image_size`."""
+    import transformers
+
+    processor_file = weights.files.get("preprocessor_config.json")
+    try:
+        if processor_file is not None:
+            return transformers.CLIPImageProcessor.from_dict(json.loads(processor_file))
+        size = int(weights.config.get("image_size", 224))
+        return transformers.CLIPImageProcessor(size=size, crop_size=size)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ModelLoadError(
+            f"component {weights.name}: cannot build its CLIPImageProcessor: {exc}",
+            code="unsupported_model",
+        ) from None
 
 
 def build_scheduler_config(weights: ComponentWeights) -> dict[str, Any]:

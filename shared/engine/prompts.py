@@ -9,6 +9,9 @@ forward pass, because `ClipEncoder` calls `encode` from a `@serve.batch` method.
 Prompts longer than the encoders' window (77 tokens including start/end) are refused with
 `InvalidRequestError(code="prompt_too_long")` rather than truncated: diffusers truncates with
 only a log warning, which silently drops the end of the user's prompt.
+
+`embed` gives encoder 2's projected `text_embeds` alone: CLIP text embeddings in the space the
+vision encoder's image embeddings share, for /v1/embeddings.
 """
 
 from __future__ import annotations
@@ -110,6 +113,38 @@ class PromptEncoder:
                 negative_row = None if negative is None else row[negative]
                 encoded[i] = self._pair(hidden, pooled, row[pairs[i][0]], negative_row)
         return [encoded[i] if error is None else error for i, error in enumerate(errors)]
+
+    def embed(
+        self, texts: list[str], param: str = "input"
+    ) -> list[np.ndarray | InvalidRequestError]:
+        """text_encoder_2's projected pooled embedding (`text_embeds`, float32, 1-D, as
+        diffusers computes the pooled prompt embedding) of each text, in one forward pass.
+
+        Tokenized and length-checked like prompts: an over-long text gets its
+        `InvalidRequestError` (param `param`) returned in its slot, as `encode` does.
+        """
+        unique = list(dict.fromkeys(texts))
+        counts = dict(zip(unique, (max(c) for c in self._token_counts(unique)), strict=True))
+        valid = [text for text in unique if counts[text] <= self.max_tokens]
+        rows: dict[str, np.ndarray] = {}
+        if valid:
+            with torch.inference_mode():
+                pooled = self._run(1, valid).text_embeds.float().cpu().numpy()
+            rows = {text: pooled[i].copy() for i, text in enumerate(valid)}
+        results: list[np.ndarray | InvalidRequestError] = []
+        for text in texts:
+            try:
+                self._raise_if_too_long(counts[text], param)
+            except InvalidRequestError as error:
+                results.append(error)
+            else:
+                results.append(rows[text])
+        return results
+
+    def token_count(self, texts: list[str]) -> int:
+        """Tokens of `texts` as text_encoder_2's tokenizer reads them (start/end included): the
+        `usage` an embeddings answer reports."""
+        return sum(count for _, count in self._token_counts(texts))
 
     def _length_errors(
         self, pairs: list[tuple[str, str | None]]

@@ -49,7 +49,12 @@ from shared.engine.image_inputs import (
     pixels_to_tensor,
     start_latents,
 )
-from shared.engine.ip_adapter import has_ip_adapter, image_embeds_dim, set_row_scales
+from shared.engine.ip_adapter import (
+    has_ip_adapter,
+    image_embeds_dim,
+    image_prompt_rows,
+    set_row_scales,
+)
 from shared.engine.previews import (
     LatentRGBDecoder,
     PreviewDecoder,
@@ -551,22 +556,27 @@ class SDXLEngine:
         return latents, getattr(output, "pred_original_sample", None)
 
     def _image_prompt_rows(self, states: list[Denoising]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per UNet row an image embedding (1, dim) and an adapter scale: the request's own for
-        its conditional rows, zeros for its unconditional ones (diffusers' negative image
-        embeds), and a zero scale for requests without an image prompt."""
+        """Per UNet row an image embedding and an adapter scale, in each request's own rows:
+        its image prompt (zeros on its unconditional rows, as diffusers), or zeros at scale 0
+        for a request without one."""
         embeds, scales = [], []
         for state in states:
-            job, rows = state.job, state.rows
-            scale = job.image_prompt_scale if job.image_embeds is not None else 0.0
-            scales.append(torch.full((rows,), scale, dtype=self.dtype, device=self.device))
-            if job.image_embeds is None:
-                embeds.append(torch.zeros((rows, 1, self.image_embeds_dim), device=self.device))
-                continue
-            image = torch.tensor(np.asarray(job.image_embeds), device=self.device)
-            image = image.reshape(1, 1, -1).repeat(state.latents.shape[0], 1, 1)
-            parts = [torch.zeros_like(image), image] if state.conditioning.uses_cfg else [image]
-            embeds.append(torch.cat(parts))
-        return torch.cat(embeds).to(self.dtype), torch.cat(scales)
+            job = state.job
+            embedding = None
+            if job.image_embeds is not None:
+                embedding = torch.tensor(np.asarray(job.image_embeds), device=self.device)
+            rows = image_prompt_rows(
+                embedding,
+                job.image_prompt_scale,
+                state.latents.shape[0],
+                state.conditioning.uses_cfg,
+                self.image_embeds_dim,
+                self.device,
+                self.dtype,
+            )
+            embeds.append(rows[0])
+            scales.append(rows[1])
+        return torch.cat(embeds), torch.cat(scales)
 
     def _event(self, state: Denoising, predicted: torch.Tensor | None, step_ms: float) -> StepEvent:
         job, index = state.job, state.done

@@ -1,9 +1,15 @@
-"""The built-in `tiny` SDXL: a real SDXL architecture with small deterministic random weights.
+"""The built-in tiny models: real architectures with small deterministic random weights.
 
-It is saved once in the diffusers folder layout (model_index.json, one folder per component,
-safetensors weights), so everything after `resolve_builtin` loads it with exactly the code that
-loads a real checkpoint folder. Besides the pipeline components it carries `taesd/`, a tiny
-AutoencoderTiny used for cheap step previews (real models name a TAESD-XL checkpoint instead).
+`tiny`, `small` and `tiny-inpaint` are SDXL pipelines saved once in the diffusers folder layout
+(model_index.json, one folder per component, safetensors weights), so everything after
+`resolve_builtin` loads them with exactly the code that loads a real checkpoint folder. Besides the
+pipeline components they carry `taesd/`, a tiny AutoencoderTiny used for cheap step previews (real
+models name a TAESD-XL checkpoint instead). `tiny-inpaint` is `tiny` with a 9-channel UNet input
+(latents, mask, masked-image latents), like SDXL's inpainting checkpoint.
+
+`tiny-ip-adapter` is an IP-Adapter for `tiny` in the h94/IP-Adapter layout: a CLIP vision encoder
+under `sdxl_models/image_encoder/` and the adapter's state dict in
+`sdxl_models/ip-adapter_sdxl.safetensors`, as diffusers' `load_ip_adapter` reads them.
 """
 
 from __future__ import annotations
@@ -12,11 +18,28 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-BUILTIN_PRESETS = ("tiny", "small")
+if TYPE_CHECKING:
+    import torch
+    from diffusers import UNet2DConditionModel
+
+# Every built-in source name: the SDXL presets, then the adapter.
+BUILTIN_PRESETS = ("tiny", "small", "tiny-inpaint", "tiny-ip-adapter")
 FORMAT_VERSION = "1"
+# Written last into a built folder: a folder with it is complete.
+_MARKER = "diffusion_serve.json"
+# The IP-Adapter layout of h94/IP-Adapter's SDXL folder (IPAdapterConfig's defaults).
+IP_ADAPTER_WEIGHTS = "sdxl_models/ip-adapter_sdxl.safetensors"
+IP_ADAPTER_IMAGE_ENCODER = "sdxl_models/image_encoder"
+_IP_IMAGE_SIZE = 32
+# to_k_ip/to_v_ip get std 0.3 (default init: ~0.07) so that image prompts visibly steer the tiny
+# UNet, whose random text path would otherwise drown them out.
+_IP_WEIGHT_STD = 0.3
 
 # SDXL base 1.0's scheduler_config.json, so the tiny model steps through the same timesteps.
 SDXL_SCHEDULER_CONFIG: dict[str, object] = {
@@ -33,129 +56,20 @@ SDXL_SCHEDULER_CONFIG: dict[str, object] = {
 
 # Words that get whole-word BPE merges, so ordinary prompts tokenize to words, not characters.
 _COMMON_WORDS = [
-    "a",
-    "an",
-    "the",
-    "of",
-    "and",
-    "in",
-    "on",
-    "with",
-    "at",
-    "by",
-    "for",
-    "from",
-    "to",
-    "photo",
-    "picture",
-    "image",
-    "painting",
-    "portrait",
-    "drawing",
-    "illustration",
-    "render",
-    "cat",
-    "dog",
-    "bird",
-    "horse",
-    "fish",
-    "tree",
-    "flower",
-    "forest",
-    "mountain",
-    "river",
-    "sea",
-    "ocean",
-    "lake",
-    "sky",
-    "cloud",
-    "sun",
-    "moon",
-    "star",
-    "city",
-    "street",
-    "house",
-    "castle",
-    "car",
-    "boat",
-    "train",
-    "robot",
-    "man",
-    "woman",
-    "person",
-    "child",
-    "face",
-    "eyes",
-    "hair",
-    "red",
-    "green",
-    "blue",
-    "yellow",
-    "orange",
-    "purple",
-    "pink",
-    "black",
-    "white",
-    "gray",
-    "golden",
-    "silver",
-    "dark",
-    "light",
-    "bright",
-    "beautiful",
-    "detailed",
-    "realistic",
-    "cinematic",
-    "lighting",
-    "style",
-    "art",
-    "digital",
-    "oil",
-    "watercolor",
-    "sketch",
-    "high",
-    "quality",
-    "resolution",
-    "sharp",
-    "focus",
-    "background",
-    "night",
-    "day",
-    "sunset",
-    "sunrise",
-    "winter",
-    "summer",
-    "autumn",
-    "spring",
-    "snow",
-    "rain",
-    "fog",
-    "astronaut",
-    "space",
-    "planet",
-    "dragon",
-    "fantasy",
-    "landscape",
-    "old",
-    "new",
-    "small",
-    "big",
-    "tiny",
-    "large",
-    "riding",
-    "wearing",
-    "standing",
-    "sitting",
-    "flying",
-    "running",
-    "under",
-    "over",
-    "near",
-    "inside",
-    "outside",
-    "very",
-    "highly",
-]
+    "a", "an", "the", "of", "and", "in", "on", "with", "at", "by", "for", "from", "to", "photo",
+    "picture", "image", "painting", "portrait", "drawing", "illustration", "render", "cat", "dog",
+    "bird", "horse", "fish", "tree", "flower", "forest", "mountain", "river", "sea", "ocean",
+    "lake", "sky", "cloud", "sun", "moon", "star", "city", "street", "house", "castle", "car",
+    "boat", "train", "robot", "man", "woman", "person", "child", "face", "eyes", "hair", "red",
+    "green", "blue", "yellow", "orange", "purple", "pink", "black", "white", "gray", "golden",
+    "silver", "dark", "light", "bright", "beautiful", "detailed", "realistic", "cinematic",
+    "lighting", "style", "art", "digital", "oil", "watercolor", "sketch", "high", "quality",
+    "resolution", "sharp", "focus", "background", "night", "day", "sunset", "sunrise", "winter",
+    "summer", "autumn", "spring", "snow", "rain", "fog", "astronaut", "space", "planet", "dragon",
+    "fantasy", "landscape", "old", "new", "small", "big", "tiny", "large", "riding", "wearing",
+    "standing", "sitting", "flying", "running", "under", "over", "near", "inside", "outside",
+    "very", "highly",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -167,6 +81,7 @@ class TinyPreset:
     text_hidden: int
     text_layers: int
     vae_channels: tuple[int, int, int, int]
+    unet_in_channels: int = 4  # 9 for inpainting: latents + mask + masked-image latents
 
 
 PRESETS = {
@@ -185,6 +100,7 @@ PRESETS = {
         vae_channels=(64, 128, 128, 128),
     ),
 }
+PRESETS["tiny-inpaint"] = replace(PRESETS["tiny"], unet_in_channels=9)
 
 
 def cache_root() -> Path:
@@ -195,23 +111,34 @@ def cache_root() -> Path:
 
 def resolve_builtin(name: str, root: Path | None = None) -> Path:
     """Return the folder of built-in model `name`, building it on first use (atomically)."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown built-in model {name!r}; choose one of {', '.join(PRESETS)}")
+    builders: dict[str, Callable[[Path], None]] = {
+        **{preset: partial(build_sdxl, preset=PRESETS[preset]) for preset in PRESETS},
+        "tiny-ip-adapter": build_ip_adapter,
+    }
+    if name not in builders:
+        raise ValueError(
+            f"unknown built-in model {name!r}; choose one of {', '.join(BUILTIN_PRESETS)}"
+        )
     target = (root or cache_root()) / f"{name}-v{FORMAT_VERSION}"
-    if (target / "model_index.json").is_file():
+    if (target / _MARKER).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        build_sdxl(staging, PRESETS[name])
+        builders[name](staging)
+        _write_marker(staging)
         try:
             os.rename(staging, target)
         except OSError:
-            if not (target / "model_index.json").is_file():
+            if not (target / _MARKER).is_file():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _write_marker(path: Path) -> None:
+    (path / _MARKER).write_text(json.dumps({"builtin": True, "version": FORMAT_VERSION}))
 
 
 def _byte_symbols() -> list[str]:
@@ -277,32 +204,13 @@ def build_sdxl(path: Path, preset: TinyPreset) -> None:
         AutoencoderKL,
         AutoencoderTiny,
         EulerDiscreteScheduler,
+        StableDiffusionXLInpaintPipeline,
         StableDiffusionXLPipeline,
-        UNet2DConditionModel,
     )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     vocab, merges = _bpe_vocab()
-    hidden = preset.text_hidden
-    time_dim = 8
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=preset.unet_channels,
-        layers_per_block=preset.unet_layers,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        transformer_layers_per_block=(1, 2),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=time_dim,
-        projection_class_embeddings_input_dim=6 * time_dim + hidden,
-        cross_attention_dim=2 * hidden,
-        norm_num_groups=8,
-    )
+    unet = _unet(preset)
     torch.manual_seed(1)
     vae = AutoencoderKL(
         in_channels=3,
@@ -321,7 +229,9 @@ def build_sdxl(path: Path, preset: TinyPreset) -> None:
     text_encoder = CLIPTextModel(_text_config(preset, vocab, "<|endoftext|>"))
     torch.manual_seed(3)
     text_encoder_2 = CLIPTextModelWithProjection(_text_config(preset, vocab, "!"))
-    pipe = StableDiffusionXLPipeline(
+    inpaint = preset.unet_in_channels == 9
+    pipeline_class = StableDiffusionXLInpaintPipeline if inpaint else StableDiffusionXLPipeline
+    pipe = pipeline_class(
         vae=vae,
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
@@ -339,6 +249,84 @@ def build_sdxl(path: Path, preset: TinyPreset) -> None:
         num_decoder_blocks=(1, 1, 1, 1),
     )
     taesd.save_pretrained(path / "taesd", safe_serialization=True)
-    (path / "diffusion_serve.json").write_text(
-        json.dumps({"builtin": True, "version": FORMAT_VERSION})
+
+
+def _unet(preset: TinyPreset) -> UNet2DConditionModel:
+    """The preset's UNet, seeded so the same preset always has the same weights."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    hidden, time_dim = preset.text_hidden, 8
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=preset.unet_in_channels,
+        out_channels=4,
+        block_out_channels=preset.unet_channels,
+        layers_per_block=preset.unet_layers,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 2),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + hidden,
+        cross_attention_dim=2 * hidden,
+        norm_num_groups=8,
     )
+    return unet
+
+
+def build_ip_adapter(path: Path) -> None:
+    """Build and save `tiny-ip-adapter` under `path`: an IP-Adapter (non-plus, 4 image tokens)
+    for `tiny`, whose image embeddings share text_encoder_2's projection dimension."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    tiny = PRESETS["tiny"]
+    embed_dim = tiny.text_hidden  # text_encoder_2's projection_dim: one CLIP space for both
+    torch.manual_seed(5)
+    encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=_IP_IMAGE_SIZE,
+            patch_size=8,
+            projection_dim=embed_dim,
+        )
+    )
+    folder = path / IP_ADAPTER_IMAGE_ENCODER
+    encoder.save_pretrained(folder, safe_serialization=True)
+    size = _IP_IMAGE_SIZE
+    CLIPImageProcessor(size=size, crop_size=size).save_pretrained(folder)
+    torch.manual_seed(6)
+    cross_dim, tokens = 2 * tiny.text_hidden, 4
+    state = {
+        "image_proj.proj.weight": torch.randn(tokens * cross_dim, embed_dim) / embed_dim**0.5,
+        "image_proj.proj.bias": torch.randn(tokens * cross_dim) * 0.1,
+        "image_proj.norm.weight": 1 + torch.randn(cross_dim) * 0.1,
+        "image_proj.norm.bias": torch.randn(cross_dim) * 0.1,
+    }
+    for key_id, (inner_dim, context_dim) in _cross_attention_layers(_unet(tiny)):
+        for name in ("to_k_ip", "to_v_ip"):
+            weight = torch.randn(inner_dim, context_dim) * _IP_WEIGHT_STD
+            state[f"ip_adapter.{key_id}.{name}.weight"] = weight
+    save_file(state, path / IP_ADAPTER_WEIGHTS)
+
+
+def _cross_attention_layers(unet: torch.nn.Module) -> list[tuple[int, tuple[int, int]]]:
+    """(key id, (inner dim, context dim)) of each cross-attention layer, numbered as diffusers'
+    `_convert_ip_adapter_attn_to_diffusers` reads checkpoints: 1, 3, 5, ... in `attn_processors`
+    order (the original IP-Adapter counted self-attention layers too, which took the even ids)."""
+    layers = []
+    key_id = 1
+    for name in unet.attn_processors:
+        if name.endswith("attn2.processor"):
+            attention = unet.get_submodule(name.removesuffix(".processor"))
+            layers.append((key_id, (attention.to_k.out_features, attention.to_k.in_features)))
+            key_id += 2
+    return layers

@@ -2,10 +2,11 @@
 
 This module owns the road from a model source to `ModelWeights`: one `ComponentWeights` per
 pipeline component, holding its config, its tensors as raw bytes in numpy (`TensorBlob`) and small
-side files (tokenizers). It reads the diffusers layout (model_index.json, a folder per component,
-the variant's weight files or the full ones, sharded or not) plus optional extra components such
-as the preview decoder, and refuses pickle weights unless a model opts in. ModelCache `ray.put`s
-each component as is.
+side files (tokenizers, image processors). It reads the diffusers layout (model_index.json, a
+folder per component, the variant's weight files or the full ones, sharded or not) plus optional
+extra components such as the preview decoder, and a configured IP-Adapter (its CLIP vision
+encoder and its weights file), and refuses pickle weights unless a model opts in. `load_suite` is
+everything a model configures; ModelCache `ray.put`s each component as is.
 
 Opening sources and reading files with checksums live in `shared.weights.sources`, parsing
 checkpoint files in `shared.weights.tensor_files`, and building torch modules, tokenizers and
@@ -15,6 +16,7 @@ imported only to read pickle checkpoints, so the cache side stays light.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -40,11 +42,17 @@ logger = logging.getLogger(__name__)
 SDXL_COMPONENTS = (
     "unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler",
 )  # fmt: skip
-# What each model-owning deployment fetches from the cache (taesd only when the model has one).
-ENGINE_COMPONENTS = ("unet", "vae", "scheduler", "taesd")
-TEXT_COMPONENTS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")
+# What each model-owning deployment fetches from the cache; taesd, ip_adapter and image_encoder
+# only when the model has them (`fetch_components` skips names a model lacks).
+ENGINE_COMPONENTS = ("unet", "vae", "scheduler", "taesd", "ip_adapter")
+TEXT_COMPONENTS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "image_encoder")
+# An IP-Adapter's files are checked against `sha256` keys under this prefix, as if the adapter's
+# source were a subfolder of the model's: "ip_adapter/sdxl_models/ip-adapter_sdxl.safetensors".
+IP_ADAPTER_KEY_PREFIX = "ip_adapter/"
 
 _SAFETENSORS_STEMS = ("diffusion_pytorch_model", "model")
+# Small files a weights component keeps besides its config: a vision encoder's image processor.
+_SIDE_FILES = ("preprocessor_config.json",)
 # Codes meaning "there is nothing there": an optional extra component with one of these is absent.
 _MISSING_CODES = frozenset({"model_not_found", "missing_file"})
 
@@ -145,11 +153,10 @@ def _load_extra(
     local = "://" not in value and not value.startswith("/")
     if local and SourceReader(fs, root, {}).is_folder(value):
         return load_component(fs, root, name, config, subfolder=value)
-    same_kind = source_kind(value) == source_kind(config.source)
     try:
         extra_fs, extra_root = open_source(
             value,
-            config.storage_options if same_kind else None,
+            _options_for(value, config),
             allow_patterns=[
                 *hub_patterns([""], config.variant, config.allow_pickle),
                 *hub_patterns([""], None, config.allow_pickle),
@@ -165,6 +172,12 @@ def _load_extra(
         return None
 
 
+def _options_for(source: str, config: ModelConfig) -> dict[str, Any] | None:
+    """The model's storage_options, for another source of the same kind (the same bucket's
+    endpoint and credentials); none for a source of another kind."""
+    return config.storage_options if source_kind(source) == source_kind(config.source) else None
+
+
 def load_component(
     fs: fsspec.AbstractFileSystem,
     root: str,
@@ -175,13 +188,15 @@ def load_component(
     *,
     subfolder: str | None = None,
     key_prefix: str = "",
+    reader: SourceReader | None = None,
 ) -> ComponentWeights:
     """Read one component from `root/subfolder` (default subfolder: `name`; "" is the root).
 
     Library and class default to what the component's own config or tokenizer config says.
+    A `reader` given is used (and keeps what it verified), else one over `root` is made.
     """
     folder = name if subfolder is None else subfolder
-    reader = SourceReader(fs, root, config.sha256, key_prefix)
+    reader = reader or SourceReader(fs, root, config.sha256, key_prefix)
     files = reader.list_files(folder)
     kind = _component_kind(class_name, files)
     if kind == "scheduler":
@@ -237,7 +252,8 @@ def _load_weights(
         class_name or model_config.get("_class_name") or model_config.get("architectures", [""])[0]
     )
     tensors = _read_tensors(reader, folder, files, config)
-    return ComponentWeights(name, library, class_name, model_config, tensors)
+    side = {f: reader.read(_join(folder, f)) for f in _SIDE_FILES if f in files}
+    return ComponentWeights(name, library, class_name, model_config, tensors, side)
 
 
 def _read_tensors(
@@ -329,3 +345,126 @@ def _add_variant(filename: str, variant: str | None) -> str:
 
 def _join(folder: str, filename: str) -> str:
     return f"{folder}/{filename}" if folder else filename
+
+
+# ------------------------------------------------------------------------------------ IP-Adapter
+
+
+def load_suite(config: ModelConfig) -> ModelWeights:
+    """Everything `config` names: its SDXL components, its preview decoder (left out if absent)
+    and its IP-Adapter (required once configured)."""
+    extra = {"taesd": config.preview_decoder} if config.preview_decoder else None
+    weights = load_model(config, extra=extra)
+    weights.components.update(load_ip_adapter(config))
+    return weights
+
+
+def load_ip_adapter(config: ModelConfig) -> dict[str, ComponentWeights]:
+    """The model's IP-Adapter as two components, or {} when it has none.
+
+    `image_encoder` is the CLIPVisionModelWithProjection folder (its preprocessor_config.json
+    kept when present) and `ip_adapter` the adapter's one weights file, with diffusers' key names
+    (`image_proj.*`, `ip_adapter.{id}.to_k_ip.weight`, ...). Unlike the preview decoder, a
+    configured adapter is not optional: any missing file fails the model's load, naming it.
+    Checksums are looked up under `ip_adapter/` (see `IP_ADAPTER_KEY_PREFIX`).
+    """
+    adapter = config.ip_adapter
+    if adapter is None:
+        return {}
+    weight_name, encoder = adapter.weight_name.strip("/"), adapter.image_encoder.strip("/")
+    try:
+        parse = _adapter_parser(weight_name, config)
+        fs, root = open_source(
+            adapter.source,
+            _options_for(adapter.source, config),
+            allow_patterns=ip_adapter_hub_patterns(config),
+        )
+        reader = SourceReader(fs, root, config.sha256, IP_ADAPTER_KEY_PREFIX)
+        image_encoder = load_component(
+            fs, root, "image_encoder", config, subfolder=encoder, reader=reader
+        )
+        tensors = parse(reader.read(weight_name), reader.url(weight_name))
+        _check_adapter_keys(tensors, reader.url(weight_name))
+        reader.check_all_verified("")
+    except ModelLoadError as exc:
+        raise ModelLoadError(
+            f"IP-Adapter of model {config.id!r}: {exc.message}", code=exc.code
+        ) from None
+    weights = ComponentWeights(
+        "ip_adapter",
+        "diffusers",
+        "IPAdapter",
+        {"source": adapter.source, "weight_name": weight_name},
+        tensors,
+    )
+    return {"image_encoder": image_encoder, "ip_adapter": weights}
+
+
+def ip_adapter_hub_patterns(config: ModelConfig) -> list[str]:
+    """What a Hub download of the adapter's repo fetches: its weights file and the image
+    encoder's configs and weights (the variant's, or the full ones), nothing else of a repo that
+    holds many adapters."""
+    adapter = config.ip_adapter
+    if adapter is None:
+        return []
+    encoder = [adapter.image_encoder.strip("/")]
+    patterns = [
+        adapter.weight_name.strip("/"),
+        *hub_patterns(encoder, config.variant, config.allow_pickle),
+        *hub_patterns(encoder, None, config.allow_pickle),
+    ]
+    return list(dict.fromkeys(patterns))
+
+
+def _adapter_parser(weight_name: str, config: ModelConfig) -> Callable[[bytes, str], Any]:
+    """How to read the adapter's weights file; refuses pickle files unless the model allows them
+    (before anything is downloaded)."""
+    if weight_name.endswith(".safetensors"):
+        return parse_safetensors
+    if not weight_name.endswith(PICKLE_SUFFIXES):
+        raise ModelLoadError(
+            f"{weight_name} is neither a .safetensors nor a pickle (.bin) weights file",
+            code="unsupported_model",
+        )
+    if not config.allow_pickle:
+        raise ModelLoadError(
+            f"{weight_name} is a pickle file, which can run code when loaded; use the "
+            "adapter's .safetensors file or set `allow_pickle: true` for this model",
+            code="pickle_refused",
+        )
+    return _parse_adapter_pickle
+
+
+def _parse_adapter_pickle(data: bytes, name: str) -> dict[str, TensorBlob]:
+    """h94's .bin adapters nest their state dict ({"image_proj": {...}, "ip_adapter": {...}}),
+    which `parse_pickle` (flat state dicts) would read as empty: flatten it to the .safetensors
+    key names, then parse it as one (a copy, for an opt-in format only)."""
+    import torch
+    from safetensors.torch import save
+
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{name} could not be loaded with torch.load(weights_only=True): {exc}",
+            code="corrupt_file",
+        ) from None
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"{name} does not hold a state dict", code="corrupt_file")
+    flat = {
+        f"{group}.{key}": tensor.contiguous()
+        for group, part in state.items()
+        if isinstance(part, dict)
+        for key, tensor in part.items()
+        if isinstance(tensor, torch.Tensor)
+    }
+    return parse_safetensors(save(flat), name)
+
+
+def _check_adapter_keys(tensors: Mapping[str, TensorBlob], url: str) -> None:
+    for group in ("image_proj", "ip_adapter"):
+        if not any(key.startswith(f"{group}.") for key in tensors):
+            raise ModelLoadError(
+                f"{url} has no {group}.* tensors; is it an IP-Adapter's weights file?",
+                code="weights_mismatch",
+            )

@@ -1,10 +1,11 @@
 """Model sources: where a model's files come from, and reading them with integrity checks.
 
-A source is the built-in `tiny`/`small`, a local folder, `s3://bucket/prefix` through s3fs, any
-other fsspec URL, or a Hugging Face repo id, whose files are downloaded first (only those the
-loader would read: see `hub_patterns`). `open_source` turns a source into a filesystem and a root
-folder; `SourceReader` reads files under that root, each once, verifying the sha256 digests
-configured for them. Failures are `ModelLoadError`s with a stable code and never echo credentials.
+A source is a built-in name (`BUILTIN_PRESETS`: tiny SDXLs and an IP-Adapter), a local folder,
+`s3://bucket/prefix` through s3fs, any other fsspec URL, or a Hugging Face repo id, whose files are
+downloaded first (only those the loader would read: see `hub_patterns`). `open_source` turns a
+source into a filesystem and a root folder; `SourceReader` reads files under that root, each once,
+verifying the sha256 digests configured for them. Failures are `ModelLoadError`s with a stable code
+and never echo credentials.
 s3fs and huggingface_hub are imported only when a source needs them.
 """
 

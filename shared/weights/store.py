@@ -33,7 +33,7 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from shared.config import CacheConfig, ModelConfig
 from shared.errors import ModelLoadError, NotFoundError, ServeError
-from shared.weights.loader import ComponentWeights, ModelWeights, load_model
+from shared.weights.loader import ComponentWeights, ModelWeights, load_suite
 
 logger = logging.getLogger(__name__)
 
@@ -75,12 +75,6 @@ class _NoObserver:
 
     def stored(self, nbytes: int) -> None:
         pass
-
-
-def load_with_preview_decoder(model: ModelConfig) -> ModelWeights:
-    """The default `load`: the model's SDXL components plus its preview decoder, if it has one."""
-    extra = {"taesd": model.preview_decoder} if model.preview_decoder else None
-    return load_model(model, extra=extra)
 
 
 def default_size(weights: ModelWeights) -> dict[str, int]:
@@ -155,7 +149,7 @@ class WeightStore(Generic[Ref]):
         *,
         put: Callable[[ComponentWeights], Ref],
         live_holders: Callable[[], set[str]],
-        load: Callable[[ModelConfig], ModelWeights] = load_with_preview_decoder,
+        load: Callable[[ModelConfig], ModelWeights] = load_suite,
         clock: Callable[[], float] = time.monotonic,
         observer: StoreObserver | None = None,
     ) -> None:

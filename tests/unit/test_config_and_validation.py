@@ -32,7 +32,8 @@ def test_checked_in_configs_validate(path: Path) -> None:
 def test_default_config_is_cpu_tiny_with_autoscaling() -> None:
     args = yaml.safe_load((REPO / "serve_config.yaml").read_text())["applications"][0]["args"]
     parsed = AppConfig.model_validate(args)
-    assert [m.source for m in parsed.models] == ["tiny"]
+    assert [m.source for m in parsed.models] == ["tiny", "tiny-inpaint"]
+    assert parsed.models[0].ip_adapter is not None  # image prompts work from the default app
     pipeline = parsed.pipeline_deployment.serve_options()
     assert pipeline["ray_actor_options"]["num_gpus"] == 0
     assert pipeline["autoscaling_config"]["min_replicas"] == 1

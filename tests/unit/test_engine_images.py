@@ -21,11 +21,14 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from shared.api.jobs import DenoiseJob, NoiseInjection, PromptEmbeddings
+from shared.config import ModelConfig
+from shared.engine.build import build_engine
 from shared.engine.image_inputs import pixels_to_tensor
 from shared.engine.samplers import build_scheduler
 from shared.engine.sdxl import SDXLEngine
 from shared.errors import InvalidRequestError
 from shared.weights.builtin import resolve_builtin
+from shared.weights.loader import load_suite
 from tests.unit.test_engine import pixels, run
 
 STEPS = 6
@@ -303,3 +306,69 @@ def test_bad_image_inputs_are_refused_before_any_step(tiny: Model) -> None:
         with pytest.raises(InvalidRequestError) as caught:
             tiny.engine.check(job)
         assert caught.value.param == param
+
+
+@pytest.fixture(scope="module")
+def adapted(tiny: Model, tiny_model_dir: Path) -> tuple[SDXLEngine, StableDiffusionXLPipeline]:
+    """Our engine built from the cache's components of `tiny` + the tiny IP-Adapter, and
+    diffusers' pipeline with the same adapter loaded the documented way."""
+    config = ModelConfig(id="tiny", source="tiny", ip_adapter={"source": "tiny-ip-adapter"})
+    engine = build_engine(load_suite(config).components, "float32", "cpu")
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_ip_adapter(
+        str(resolve_builtin("tiny-ip-adapter")),
+        subfolder="sdxl_models",
+        weight_name="ip-adapter_sdxl.safetensors",
+        image_encoder_folder="image_encoder",
+    )
+    return engine, pipe
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.6])
+def test_image_prompt_equals_diffusers_ip_adapter_embeds(
+    tiny: Model, adapted: tuple[SDXLEngine, StableDiffusionXLPipeline], scale: float
+) -> None:
+    engine, pipe = adapted
+    embeds = np.random.default_rng(0).standard_normal((1, engine.image_embeds_dim))
+    job = replace(tiny.job, image_embeds=embeds.astype(np.float32), image_prompt_scale=scale)
+    result, _ = run(engine, job)
+    pipe.set_ip_adapter_scale(scale)
+    positive = torch.tensor(job.image_embeds).reshape(1, 1, -1)
+    images = pipe(
+        **tiny.tensors,
+        ip_adapter_image_embeds=[torch.cat([torch.zeros_like(positive), positive])],
+        height=job.height,
+        width=job.width,
+        num_inference_steps=job.steps,
+        guidance_scale=job.guidance_scale,
+        generator=[torch.Generator().manual_seed(seed) for seed in job.seeds],
+        output_type="np",
+    ).images
+    _assert_equal(pixels(result), (images * 255).round().astype(np.uint8))
+    plain, _ = run(engine, tiny.job)
+    assert result.images[0].b64 != plain.images[0].b64
+
+
+def test_image_prompts_of_any_scale_share_a_call_with_plain_requests(
+    tiny: Model, adapted: tuple[SDXLEngine, StableDiffusionXLPipeline]
+) -> None:
+    engine, _ = adapted
+    embeds = np.random.default_rng(1).standard_normal((1, engine.image_embeds_dim))
+    embeds = embeds.astype(np.float32)
+    jobs = [
+        replace(tiny.job, id="a", image_embeds=embeds, image_prompt_scale=0.7),
+        replace(tiny.job, id="b", seeds=[5, 6]),
+        replace(tiny.job, id="c", image_embeds=embeds, image_prompt_scale=1.0, guidance_scale=1),
+    ]
+    alone = [pixels(run(engine, job)[0]) for job in jobs]
+    states = [engine.prepare(job) for job in jobs]
+    while not states[0].finished:
+        engine.step(states)
+    for state, expected in zip(states, alone, strict=True):
+        (outcome,) = engine.decode([state])
+        assert not isinstance(outcome, Exception)
+        assert np.abs(pixels(outcome).astype(int) - expected.astype(int)).max() <= 1
+    # Without an adapter's image prompt a request on an adapter engine is the plain model's.
+    plain = pixels(run(tiny.engine, jobs[1])[0])
+    assert np.abs(alone[1].astype(int) - plain.astype(int)).max() <= 1

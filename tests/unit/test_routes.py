@@ -11,12 +11,21 @@ from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any
 
 import httpx
+import numpy as np
 import openai
 import pytest
 from PIL import Image
 
-from shared.api.routes import build_api
+from shared.api.embeddings import (
+    EmbeddingsRequest,
+    EmbeddingsResponse,
+    embeddings_response,
+    is_image_input,
+)
+from shared.api.noise_masks import NOISE_MASK_NAMES
+from shared.api.routes import build_api, noise_mask_list
 from shared.api.schemas import (
+    EncodedImage,
     Event,
     GeneratedImage,
     GenerateRequest,
@@ -38,6 +47,7 @@ from shared.errors import (
 
 pytestmark = pytest.mark.anyio
 BODY = {"model": "tiny", "prompt": "a cat"}
+DIMENSION = 8
 
 
 @pytest.fixture
@@ -47,7 +57,8 @@ def anyio_backend() -> str:
 
 class FakeBackend:
     """A backend that answers, or raises `failure` from every method (before any event, or
-    after the first step when `mid_stream`)."""
+    after the first step when `mid_stream`). It keeps the requests it got; its step events
+    carry a preview when the request asks for previews, and its embeddings are `vector(i)`."""
 
     def __init__(
         self,
@@ -62,32 +73,51 @@ class FakeBackend:
         self.limits = LimitsConfig(max_body_bytes=4096)
         self.openai_images = OpenAIImagesConfig()
         self.seen: list[tuple[str, str]] = []  # (method, request id)
+        self.requests: list[GenerateRequest] = []
+        self.embedded: list[EmbeddingsRequest] = []
         self.closed_streams = 0
 
     def _maybe_fail(self) -> None:
         if self.failure is not None:
             raise self.failure
 
+    def _called(self, method: str, request_id: str) -> None:
+        self.seen.append((method, request_id))
+        self._maybe_fail()
+
     async def generate_response(
         self, request: GenerateRequest, request_id: str
     ) -> GenerateResponse:
-        self.seen.append(("generate", request_id))
-        self._maybe_fail()
+        self.requests.append(request)
+        self._called("generate", request_id)
         return _result(request_id).to_response()
 
     async def stream_events(
         self, request: GenerateRequest, request_id: str
     ) -> AsyncGenerator[Event, None]:
         self.seen.append(("stream", request_id))
+        self.requests.append(request)
+        previews = [] if request.preview == "none" else [_image()]
         try:
             if not self.mid_stream:
                 self._maybe_fail()
-            yield StepEvent(id=request_id, index=1, total=2, elapsed_ms=1.0, step_ms=1.0)
+            yield StepEvent(
+                id=request_id, index=1, total=2, elapsed_ms=1.0, step_ms=1.0, previews=previews
+            )
             self._maybe_fail()
             yield StepEvent(id=request_id, index=2, total=2, elapsed_ms=2.0, step_ms=1.0)
             yield _result(request_id)
         finally:
             self.closed_streams += 1
+
+    async def create_embeddings(
+        self, request: EmbeddingsRequest, request_id: str
+    ) -> EmbeddingsResponse:
+        self.embedded.append(request)
+        self._called("embeddings", request_id)
+        vectors = [vector(index) for index in range(len(request.inputs))]
+        tokens = sum(1 for item in request.inputs if not is_image_input(item))
+        return embeddings_response(request.model, vectors, request.encoding_format, tokens)
 
     async def list_models(self) -> list[ModelCard]:
         self._maybe_fail()
@@ -98,12 +128,21 @@ class FakeBackend:
         return {"ready": True, "backends": {}}
 
 
-def _result(request_id: str) -> ResultEvent:
+def vector(index: int) -> np.ndarray:
+    """The fake's embedding of input `index`: values float32 cannot hold exactly, too."""
+    return (np.arange(DIMENSION, dtype=np.float32) / 3 + index).astype(np.float32)
+
+
+def _image() -> EncodedImage:
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8), (200, 30, 30)).save(buffer, format="PNG")
-    image = GeneratedImage(
-        b64=base64.b64encode(buffer.getvalue()).decode(), format="png", width=8, height=8, seed=1
+    return EncodedImage(
+        b64=base64.b64encode(buffer.getvalue()).decode(), format="png", width=8, height=8
     )
+
+
+def _result(request_id: str) -> ResultEvent:
+    image = GeneratedImage(**_image().model_dump(), seed=1)
     return ResultEvent(
         id=request_id, model="tiny", backend="local", images=[image], timings=Timings()
     )
@@ -274,6 +313,16 @@ async def test_openapi_documents_the_real_contract(ok: Any) -> None:
         assert error_schema == {"$ref": "#/components/schemas/ErrorEnvelope"}
     for schema in ("StepEvent", "ResultEvent", "ErrorEvent", "ErrorEnvelope", "GenerateResponse"):
         assert schema in schemas
+    embeddings = document["paths"]["/v1/embeddings"]["post"]
+    assert embeddings["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/EmbeddingsRequest"
+    }
+    embedded = embeddings["responses"]["200"]["content"]["application/json"]["schema"]
+    assert embedded == {"$ref": "#/components/schemas/EmbeddingsResponse"}
+    edits = document["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]
+    form = edits["multipart/form-data"]["schema"]
+    assert form["properties"]["image"]["format"] == "binary" and "strength" in form["properties"]
+    assert {"image", "prompt", "model"} <= set(form["required"])
     refs = set(_refs(document))
     assert refs <= {f"#/components/schemas/{name}" for name in schemas}, refs
     assert (await client.get("/docs")).status_code == 200
@@ -309,6 +358,17 @@ async def test_api_keys_guard_every_v1_route_but_not_the_probes() -> None:
         assert (await client.get("/readyz")).status_code == 200
         assert (await client.get("/openapi.json")).status_code == 200
     assert [method for method, _ in backend.seen] == ["generate"]  # refused ones never got in
+    async for client in client_for(backend):
+        for method, path in (
+            ("GET", "/v1/noise-masks"),
+            ("POST", "/v1/embeddings"),
+            ("POST", "/v1/images/edits"),
+        ):
+            refused = await client.request(method, path, headers={"authorization": "Bearer no"})
+            assert_envelope(refused, 401, "authentication_error", "invalid_api_key")
+        listed = await client.get("/v1/noise-masks", headers={"authorization": "Bearer key-one"})
+        assert listed.status_code == 200
+    assert [method for method, _ in backend.seen] == ["generate"]
 
 
 async def test_the_openai_sdk_authenticates_with_its_api_key() -> None:
@@ -341,3 +401,125 @@ def test_configured_but_empty_key_sources_fail_loudly(
     monkeypatch.setenv("DS_KEYS", "")
     with pytest.raises(ValueError, match="no API key"):
         AuthConfig(api_keys_env="DS_KEYS").load_keys()
+
+
+# ---- noise masks and embeddings ---------------------------------------------------------------
+
+
+async def test_noise_masks_list_every_pattern_with_a_png_preview(ok: Any) -> None:
+    _, client = ok
+    response = await client.get("/v1/noise-masks")
+    assert response.status_code == 200, response.text
+    listing = response.json()
+    assert listing["object"] == "list"
+    assert [entry["name"] for entry in listing["data"]] == list(NOISE_MASK_NAMES)
+    assert len(listing["data"]) == 9
+    for entry in listing["data"]:
+        assert set(entry) == {"name", "description", "preview"} and entry["description"]
+        preview = Image.open(io.BytesIO(base64.b64decode(entry["preview"])))
+        assert preview.format == "PNG" and preview.size == (64, 64)
+    assert noise_mask_list() is noise_mask_list()  # computed once
+    document = (await client.get("/openapi.json")).json()
+    answer = document["paths"]["/v1/noise-masks"]["get"]["responses"]["200"]
+    assert answer["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/NoiseMaskList"
+    }
+
+
+def _image_url() -> str:
+    return "data:image/png;base64," + _image().b64
+
+
+async def test_embeddings_answer_floats_or_base64_of_the_same_float32s(ok: Any) -> None:
+    backend, client = ok
+    inputs = ["a cat", _image_url(), "a dog"]
+    body = {"model": "tiny", "input": inputs}
+    floats = await client.post("/v1/embeddings", json=body)
+    assert floats.status_code == 200, floats.text
+    answer = floats.json()
+    assert answer["object"] == "list" and answer["model"] == "tiny"
+    assert answer["usage"] == {"prompt_tokens": 2, "total_tokens": 2}
+    assert [item["index"] for item in answer["data"]] == [0, 1, 2]
+    assert {item["object"] for item in answer["data"]} == {"embedding"}
+    packed = await client.post("/v1/embeddings", json={**body, "encoding_format": "base64"})
+    assert packed.status_code == 200, packed.text
+    for index, (as_list, as_b64) in enumerate(
+        zip(answer["data"], packed.json()["data"], strict=True)
+    ):
+        decoded = np.frombuffer(base64.b64decode(as_b64["embedding"]), dtype="<f4")
+        assert np.array_equal(decoded, vector(index))
+        assert np.array_equal(np.asarray(as_list["embedding"], dtype=np.float32), vector(index))
+    assert [request.inputs for request in backend.embedded] == [inputs, inputs]
+    assert [is_image_input(item) for item in inputs] == [False, True, False]
+    single = await client.post("/v1/embeddings", json={"model": "tiny", "input": "one"})
+    assert len(single.json()["data"]) == 1
+    same = await client.post("/v1/embeddings", json={**body, "dimensions": DIMENSION})
+    assert same.status_code == 200
+
+
+def test_the_embeddings_builder_packs_little_endian_float32() -> None:
+    vectors = [np.array([1.0, -2.5, 1 / 3], dtype=np.float64)]
+    packed = embeddings_response("m", vectors, "base64", prompt_tokens=3)
+    assert (
+        packed.data[0].embedding
+        == base64.b64encode(np.array([1.0, -2.5, 1 / 3], dtype="<f4").tobytes()).decode()
+    )
+    floats = embeddings_response("m", vectors, "float", prompt_tokens=3)
+    assert floats.data[0].embedding == [1.0, -2.5, float(np.float32(1 / 3))]
+    assert floats.usage.total_tokens == 3
+    with pytest.raises(ValueError, match="one vector"):
+        embeddings_response("m", [np.zeros((2, 2))], "float", prompt_tokens=0)
+
+
+EMBEDDING_REFUSALS = {
+    "empty-list": ({"input": []}, "empty_input", "input"),
+    "empty-text": ({"input": ["a", ""]}, "empty_input", "input.1"),
+    "too-many": ({"input": ["x"] * 65}, "too_many_inputs", "input"),
+    "too-long": ({"input": ["ok", "x" * 2001]}, "prompt_too_long", "input.1"),
+    "tokens": ({"input": [1, 2, 3]}, "invalid_value", "input"),
+    "format": ({"input": "a", "encoding_format": "int8"}, "invalid_value", "encoding_format"),
+    "unknown": ({"input": "a", "colour": "red"}, "unknown_field", "colour"),
+}
+
+
+@pytest.mark.parametrize("refusal", EMBEDDING_REFUSALS.values(), ids=EMBEDDING_REFUSALS.keys())
+async def test_embeddings_refuse_bad_input_before_the_backend(
+    ok: Any, refusal: tuple[dict[str, Any], str, str]
+) -> None:
+    backend, client = ok
+    backend.limits = LimitsConfig(max_body_bytes=1_000_000)
+    fields, code, param = refusal
+    response = await client.post("/v1/embeddings", json={"model": "tiny", **fields})
+    error = assert_envelope(response, 400, "invalid_request_error", code)  # OpenAI's status
+    assert error["param"] == param, error
+    assert backend.seen == []
+
+
+async def test_embeddings_refuse_a_dimension_other_than_the_models(ok: Any) -> None:
+    _, client = ok
+    body = {"model": "tiny", "input": "a cat", "dimensions": 4}
+    response = await client.post("/v1/embeddings", json=body)
+    error = assert_envelope(response, 400, "invalid_request_error", "unsupported_dimensions")
+    assert error["param"] == "dimensions" and str(DIMENSION) in error["message"]
+
+
+async def test_the_openai_sdk_creates_embeddings() -> None:
+    backend = FakeBackend(api_keys=("sk-local",))
+    http = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=build_api(lambda: backend)), base_url="http://test"
+    )
+    sdk = openai.AsyncOpenAI(
+        base_url="http://test/v1", api_key="sk-local", http_client=http, max_retries=0
+    )
+    # Without encoding_format the SDK asks for base64 and decodes it itself.
+    result = await sdk.embeddings.create(model="tiny", input=["a cat", _image_url()])
+    assert backend.embedded[-1].encoding_format == "base64"
+    assert [item.index for item in result.data] == [0, 1]
+    for item in result.data:
+        assert np.array_equal(np.asarray(item.embedding, dtype=np.float32), vector(item.index))
+    floats = await sdk.embeddings.create(model="tiny", input="a cat", encoding_format="float")
+    assert np.array_equal(np.asarray(floats.data[0].embedding, dtype=np.float32), vector(0))
+    assert floats.usage.prompt_tokens == 1
+    with pytest.raises(openai.BadRequestError) as refused:
+        await sdk.embeddings.create(model="tiny", input="a cat", dimensions=3)
+    assert refused.value.code == "unsupported_dimensions"

@@ -28,7 +28,16 @@ from safetensors.torch import load_file, save_file
 from shared.config import ModelConfig
 from shared.engine.modules import build_module, build_scheduler_config, build_tokenizer, pick_device
 from shared.errors import ModelLoadError
-from shared.weights.loader import SDXL_COMPONENTS, ComponentWeights, load_component, load_model
+from shared.weights.builtin import IP_ADAPTER_IMAGE_ENCODER, IP_ADAPTER_WEIGHTS, resolve_builtin
+from shared.weights.loader import (
+    SDXL_COMPONENTS,
+    ComponentWeights,
+    ip_adapter_hub_patterns,
+    load_component,
+    load_ip_adapter,
+    load_model,
+    load_suite,
+)
 from shared.weights.sources import open_source
 from shared.weights.tensor_files import TensorBlob, parse_safetensors
 
@@ -416,20 +425,24 @@ def test_hub_id_offline_fails_fast_with_a_clear_error() -> None:
     assert "some-org/some-model" in error.message and "HF_HUB_OFFLINE" in error.message
 
 
-def test_hub_id_served_from_the_local_cache_offline(tiny_model_dir: Path, tmp_path: Path) -> None:
-    # The Hub cache as a download leaves it: refs/main -> snapshots/<commit>/, whose entries are
-    # symlinks into blobs/.
-    repo = tmp_path / "models--some-org--tiny-sdxl"
+def _hub_cache(folder: Path, cache_dir: Path, repo_id: str) -> None:
+    """`folder` as a Hub download leaves it in `cache_dir`: refs/main -> snapshots/<commit>/,
+    whose entries are symlinks into blobs/."""
+    repo = cache_dir / f"models--{repo_id.replace('/', '--')}"
     commit = "0123456789abcdef0123456789abcdef01234567"
     (repo / "blobs").mkdir(parents=True)
-    for file in (f for f in tiny_model_dir.rglob("*") if f.is_file()):
+    for file in (f for f in folder.rglob("*") if f.is_file()):
         blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
         shutil.copy(file, blob)
-        link = repo / "snapshots" / commit / file.relative_to(tiny_model_dir)
+        link = repo / "snapshots" / commit / file.relative_to(folder)
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(os.path.relpath(blob, link.parent))
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
+
+
+def test_hub_id_served_from_the_local_cache_offline(tiny_model_dir: Path, tmp_path: Path) -> None:
+    _hub_cache(tiny_model_dir, tmp_path, "some-org/tiny-sdxl")
     config = _config(source="some-org/tiny-sdxl", storage_options={"cache_dir": str(tmp_path)})
     weights = load_model(config, components=("vae", "tokenizer"), extra={"taesd": "taesd"})
     assert set(weights.components) == {"vae", "tokenizer", "taesd"}
@@ -537,3 +550,167 @@ def test_s3_unreachable_endpoint_fails_fast_without_echoing_credentials(
 def test_a_process_without_an_assigned_gpu_runs_on_the_cpu() -> None:
     assert pick_device(0) == "cpu"  # even on a GPU node: Ray gave this process no GPU
     assert pick_device(1) == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ------------------------------------------------------------------------ IP-Adapter, built-ins
+
+
+def _adapter_config(adapter_source: str = "tiny-ip-adapter", **kwargs: Any) -> ModelConfig:
+    adapter = {"source": adapter_source, **kwargs.pop("adapter", {})}
+    return _config(ip_adapter=adapter, **kwargs)
+
+
+def _same_tensors(ours: ComponentWeights, theirs: ComponentWeights) -> bool:
+    return ours.tensors.keys() == theirs.tensors.keys() and all(
+        np.array_equal(ours.tensors[k].data, b.data) for k, b in theirs.tensors.items()
+    )
+
+
+@pytest.fixture(scope="module")
+def adapter_dir() -> Path:
+    return resolve_builtin("tiny-ip-adapter")
+
+
+def test_ip_adapter_loads_from_the_builtin_and_a_local_copy(
+    adapter_dir: Path, tmp_path: Path
+) -> None:
+    builtin = load_suite(_adapter_config())
+    assert set(builtin.components) == {*SDXL_COMPONENTS, "taesd", "image_encoder", "ip_adapter"}
+    encoder, adapter = builtin.components["image_encoder"], builtin.components["ip_adapter"]
+    assert encoder.class_name == "CLIPVisionModelWithProjection"
+    assert encoder.config["projection_dim"] == 32  # text_encoder_2's, so the spaces match
+    assert "preprocessor_config.json" in encoder.files
+    assert {k.split(".")[0] for k in adapter.tensors} == {"image_proj", "ip_adapter"}
+    assert "ip_adapter.1.to_k_ip.weight" in adapter.tensors  # diffusers' odd key ids
+    pickle.loads(pickle.dumps(adapter, protocol=5))
+    assert "image_encoder" not in load_suite(_config()).components  # only when configured
+
+    shutil.copytree(adapter_dir, tmp_path / "adapter")
+    local = load_ip_adapter(_adapter_config(str(tmp_path / "adapter")))
+    assert _same_tensors(local["image_encoder"], encoder)
+    assert _same_tensors(local["ip_adapter"], adapter)
+
+
+def test_missing_ip_adapter_files_fail_the_load_naming_them(
+    adapter_dir: Path, tmp_path: Path
+) -> None:
+    config = _adapter_config(adapter={"weight_name": "sdxl_models/ip-adapter-nope.safetensors"})
+    error = _errors(lambda: load_suite(config))
+    assert (
+        error.code == "missing_file" and "sdxl_models/ip-adapter-nope.safetensors" in error.message
+    )
+
+    copy_dir = tmp_path / "adapter"
+    shutil.copytree(adapter_dir, copy_dir)
+    shutil.rmtree(copy_dir / IP_ADAPTER_IMAGE_ENCODER)
+    error = _errors(lambda: load_ip_adapter(_adapter_config(str(copy_dir))))
+    assert error.code == "missing_file" and IP_ADAPTER_IMAGE_ENCODER in error.message
+    error = _errors(lambda: load_ip_adapter(_adapter_config(str(tmp_path / "nowhere"))))
+    assert error.code == "model_not_found" and "nowhere" in error.message
+
+    other = tmp_path / "other"
+    shutil.copytree(adapter_dir, other)
+    save_file({"other.weight": torch.ones(2)}, other / "not-an-adapter.safetensors")
+    config = _adapter_config(str(other), adapter={"weight_name": "not-an-adapter.safetensors"})
+    error = _errors(lambda: load_ip_adapter(config))
+    assert error.code == "weights_mismatch" and "not-an-adapter" in error.message
+
+
+def test_ip_adapter_pickle_refused_unless_allowed(adapter_dir: Path, tmp_path: Path) -> None:
+    # h94's .bin adapters nest the state dict: {"image_proj": {...}, "ip_adapter": {...}}.
+    folder = tmp_path / "adapter"
+    shutil.copytree(adapter_dir, folder)
+    flat = load_file(folder / IP_ADAPTER_WEIGHTS)
+    nested: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
+    for key, tensor in flat.items():
+        group, _, name = key.partition(".")
+        nested[group][name] = tensor
+    torch.save(nested, folder / "sdxl_models" / "ip-adapter_sdxl.bin")
+    weight_name = {"weight_name": "sdxl_models/ip-adapter_sdxl.bin"}
+
+    error = _errors(lambda: load_ip_adapter(_adapter_config(str(folder), adapter=weight_name)))
+    assert error.code == "pickle_refused" and "allow_pickle" in error.message
+    allowed = _adapter_config(str(folder), adapter=weight_name, allow_pickle=True)
+    reference = load_ip_adapter(_adapter_config())["ip_adapter"]
+    assert _same_tensors(load_ip_adapter(allowed)["ip_adapter"], reference)
+
+
+def test_ip_adapter_checksums_are_under_the_ip_adapter_prefix(adapter_dir: Path) -> None:
+    key = f"ip_adapter/{IP_ADAPTER_WEIGHTS}"
+    digest = hashlib.sha256((adapter_dir / IP_ADAPTER_WEIGHTS).read_bytes()).hexdigest()
+    assert load_ip_adapter(_adapter_config(sha256={key: digest}))
+    error = _errors(lambda: load_ip_adapter(_adapter_config(sha256={key: "0" * 64})))
+    assert error.code == "checksum_mismatch" and IP_ADAPTER_WEIGHTS in error.message
+    typo = {"ip_adapter/sdxl_models/ip-adapter_sdxl.bin": digest}
+    assert _errors(lambda: load_ip_adapter(_adapter_config(sha256=typo))).code == (
+        "checksum_unverified"
+    )
+
+
+def test_ip_adapter_from_s3_reads_only_its_files(
+    s3_server: S3Server, s3_tiny_url: str, adapter_dir: Path
+) -> None:
+    url = "s3://models/tiny-ip-adapter"
+    s3_server.upload_folder(adapter_dir, url)
+    s3_server.clear_log()
+    options = s3_server.storage_options()  # the model's, reused for a source of the same kind
+    config = _adapter_config(url, source=s3_tiny_url, storage_options=options)
+    remote = load_ip_adapter(config)
+    local = load_ip_adapter(_adapter_config())
+    assert all(_same_tensors(remote[name], local[name]) for name in local)
+    assert remote["image_encoder"].files == local["image_encoder"].files
+    gets = s3_server.object_gets(url)
+    assert len(gets) == len(set(gets)) == 4  # weights + image encoder's 3 files, once each
+
+
+def test_ip_adapter_from_the_hub_downloads_only_its_files(
+    adapter_dir: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from huggingface_hub.utils import filter_repo_objects
+
+    config = _adapter_config(
+        "some-org/tiny-ip-adapter",
+        source=str(tiny_model_dir),
+        storage_options={"cache_dir": str(tmp_path)},
+    )
+    # h94/IP-Adapter holds many adapters and encoders; only this one's files are fetched.
+    repo_files = [
+        "models/ip-adapter_sd15.safetensors",
+        "models/image_encoder/model.safetensors",
+        "sdxl_models/ip-adapter_sdxl.bin",
+        "sdxl_models/ip-adapter_sdxl.safetensors",
+        "sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors",
+        "sdxl_models/image_encoder/config.json",
+        "sdxl_models/image_encoder/model.safetensors",
+        "sdxl_models/image_encoder/pytorch_model.bin",
+    ]
+    fetched = filter_repo_objects(repo_files, allow_patterns=ip_adapter_hub_patterns(config))
+    assert sorted(fetched) == [
+        "sdxl_models/image_encoder/config.json",
+        "sdxl_models/image_encoder/model.safetensors",
+        "sdxl_models/ip-adapter_sdxl.safetensors",
+    ]
+    _hub_cache(adapter_dir, tmp_path, "some-org/tiny-ip-adapter")
+    hub = load_ip_adapter(config)
+    assert _same_tensors(hub["ip_adapter"], load_ip_adapter(_adapter_config())["ip_adapter"])
+
+
+def test_tiny_inpaint_is_tiny_with_a_nine_channel_unet(tiny_weights: Any) -> None:
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    weights = load_model(_config(source="tiny-inpaint"), components=("unet", "text_encoder"))
+    unet = weights.components["unet"]
+    assert unet.config["in_channels"] == 9 and unet.config["out_channels"] == 4
+    assert unet.tensors["conv_in.weight"].shape[1] == 9
+    assert _same_tensors(
+        weights.components["text_encoder"], tiny_weights.components["text_encoder"]
+    )
+    assert build_module(unet).config.in_channels == 9
+    folder = resolve_builtin("tiny-inpaint")
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == (
+        "StableDiffusionXLInpaintPipeline"
+    )
+    StableDiffusionXLInpaintPipeline.from_pretrained(folder)  # loads like the real checkpoint
+    assert _errors(lambda: open_source("tiny-nope")).code == "model_not_found"
+    with pytest.raises(ValueError, match="tiny-ip-adapter"):
+        resolve_builtin("tiny-nope")
