@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.serve.conftest import APP_NAME
 from tests.serve.test_batching import finished, image_pixels, stream
 from tests.serve.test_handles_and_cancel import handle_client  # noqa: F401 (a fixture)
 
@@ -188,12 +189,16 @@ HOSTILE = {
 
 
 def _router_rss() -> int:
+    """Resident memory of the default app's Router replica: Ray names its worker process
+    `ray::ServeReplica:<app>:Router` (the dashboard's state API is off in these tests)."""
     import psutil
-    import ray
 
-    actors = ray.util.state.list_actors(filters=[("state", "=", "ALIVE")], detail=True)
-    pids = [a.pid for a in actors if "Router" in (a.class_name or "") or "Router" in (a.name or "")]
-    return sum(psutil.Process(pid).memory_info().rss for pid in pids)
+    title = f"ServeReplica:{APP_NAME}:Router"
+    processes = [
+        p for p in psutil.process_iter(["cmdline"]) if title in " ".join(p.info["cmdline"] or [])
+    ]
+    assert processes, "the default app's Router replica"
+    return sum(process.memory_info().rss for process in processes)
 
 
 def test_hostile_images_get_their_4xx_fast_and_memory_stays_flat(client: httpx.Client) -> None:
