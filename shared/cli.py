@@ -6,12 +6,14 @@ turns every failure into one line and an exit code:
 event) · 4 it could not be reached.
 
     diffusion-serve generate "a lighthouse at dusk" --size 64x64 --steps 8 --out lighthouse.png
+    diffusion-serve edit lighthouse.png "a lighthouse in a storm" --mask sky.png --out storm.png
     diffusion-serve models
     diffusion-serve health
 """
 
 import base64
 import json
+import mimetypes
 import re
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -40,7 +42,8 @@ def _client(url: str, api_key: str | None) -> httpx.Client:
 
 
 def _fail(code: int, message: str) -> NoReturn:
-    console.print(f"[red]error:[/red] {message}", highlight=False)
+    # soft_wrap: one line however long the message, so scripts can grep it.
+    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -73,29 +76,115 @@ def _save_images(result: dict[str, Any], out: Path) -> list[Path]:
     return paths
 
 
+Model = Annotated[str, typer.Option(help="Model id (see `models`).")]
+Steps = Annotated[int | None, typer.Option(help="Denoising steps.")]
+Seed = Annotated[int | None, typer.Option(help="Seed of the first image.")]
+Count = Annotated[int, typer.Option(help="Number of images.")]
+NegativePrompt = Annotated[str | None, typer.Option(help="What to avoid.")]
+Scheduler = Annotated[str | None, typer.Option(help="Sampler name.")]
+Out = Annotated[Path, typer.Option(help="Where the image goes (-0, -1... for n > 1).")]
+PreviewDir = Annotated[
+    Path | None, typer.Option(help="Save each step's preview here as it arrives.")
+]
+DEFAULT_OUT = Path("out.png")
+
+
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="What to draw.")],
-    model: Annotated[str, typer.Option(help="Model id (see `models`).")] = "tiny",
+    model: Model = "tiny",
     size: Annotated[str | None, typer.Option(help="WIDTHxHEIGHT; the model's if unset.")] = None,
-    steps: Annotated[int | None, typer.Option(help="Denoising steps.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the first image.")] = None,
-    n: Annotated[int, typer.Option(help="Number of images.")] = 1,
-    negative_prompt: Annotated[str | None, typer.Option(help="What to avoid.")] = None,
-    scheduler: Annotated[str | None, typer.Option(help="Sampler name.")] = None,
-    out: Annotated[Path, typer.Option(help="Where the image goes (-0, -1... for n > 1).")] = Path(
-        "out.png"
-    ),
-    preview_dir: Annotated[
-        Path | None, typer.Option(help="Save each step's preview here as it arrives.")
-    ] = None,
+    steps: Steps = None,
+    seed: Seed = None,
+    n: Count = 1,
+    negative_prompt: NegativePrompt = None,
+    scheduler: Scheduler = None,
+    out: Out = DEFAULT_OUT,
+    preview_dir: PreviewDir = None,
     url: Url = "http://127.0.0.1:8000",
     api_key: ApiKey = None,
 ) -> None:
     """Generate images, showing every step as it happens."""
+    body = _body(model, prompt, n, size, steps, seed, negative_prompt, scheduler)
+    _run_streamed(body, out, preview_dir, url, api_key)
+
+
+@app.command()
+def edit(
+    image: Annotated[Path, typer.Argument(help="The image to change.")],
+    prompt: Annotated[str, typer.Argument(help="What the result should show.")],
+    mask: Annotated[
+        Path | None,
+        typer.Option(
+            help="Inpainting mask of the image's size: white = repaint, black = keep. "
+            "Without one the whole image is redrawn (img2img)."
+        ),
+    ] = None,
+    strength: Annotated[
+        float | None,
+        typer.Option(
+            help="How much is repainted, 0 < S <= 1: only int(steps * S) steps run. "
+            "The server's default: 0.8 without a mask, 1.0 with one."
+        ),
+    ] = None,
+    mask_blur: Annotated[
+        float | None, typer.Option(help="Blur radius of the mask, in pixels (default 0).")
+    ] = None,
+    model: Model = "tiny",
+    size: Annotated[str | None, typer.Option(help="WIDTHxHEIGHT; the image's if unset.")] = None,
+    steps: Steps = None,
+    seed: Seed = None,
+    n: Count = 1,
+    negative_prompt: NegativePrompt = None,
+    scheduler: Scheduler = None,
+    out: Out = DEFAULT_OUT,
+    preview_dir: PreviewDir = None,
+    url: Url = "http://127.0.0.1:8000",
+    api_key: ApiKey = None,
+) -> None:
+    """Repaint an image (inpainting with --mask, img2img without), showing every step."""
+    images = {"init_image": _data_url(image)}
+    if mask is not None:
+        images["mask"] = _data_url(mask)
+    edits = {"strength": strength, "mask_blur": mask_blur, **images}
+    body = _body(model, prompt, n, size, steps, seed, negative_prompt, scheduler, **edits)
+    _run_streamed(body, out, preview_dir, url, api_key)
+
+
+def _data_url(path: Path) -> str:
+    """The file as a `data:` URL. The server tells formats apart by their bytes, so the type is
+    only a hint, and a file it refuses is its 4xx (`unsupported_image`, `invalid_image`)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        _fail(EXIT_REFUSED, f"cannot read {path}: {exc.strerror or exc}")
+    kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return f"data:{kind};base64,{base64.b64encode(raw).decode()}"
+
+
+def _body(
+    model: str,
+    prompt: str,
+    n: int,
+    size: str | None,
+    steps: int | None,
+    seed: int | None,
+    negative_prompt: str | None,
+    scheduler: str | None,
+    **image_fields: Any,
+) -> dict[str, Any]:
+    """A streamed `/v1/generate` request; a field left None takes the server's default."""
     body: dict[str, Any] = {"model": model, "prompt": prompt, "n": n, "stream": True, **_size(size)}
     optional = {"steps": steps, "seed": seed, "negative_prompt": negative_prompt}
-    body.update({k: v for k, v in {**optional, "scheduler": scheduler}.items() if v is not None})
+    optional.update(scheduler=scheduler, **image_fields)
+    body.update({name: value for name, value in optional.items() if value is not None})
+    return body
+
+
+def _run_streamed(
+    body: dict[str, Any], out: Path, preview_dir: Path | None, url: str, api_key: str | None
+) -> None:
+    """Send the request, follow its stream, save its images and print one line about them."""
     if preview_dir is not None:
         body["preview"] = "latent"
         preview_dir.mkdir(parents=True, exist_ok=True)
