@@ -129,6 +129,12 @@ class ModelCache:
         """`{"width", "height"}` the checkpoint was trained for (`{}` if unknown)."""
         return await self._run(self._store.defaults, model_id)
 
+    async def digests(self, model_id: str) -> dict[str, dict[str, str]]:
+        """`{component: {file: sha256}}` of the weights replicas get for `model_id` (files keyed
+        as the model's `sha256:` setting names them), from the store's records: no object is
+        read. Loads the model if it is not cached."""
+        return await self._run(self._store.digests, model_id)
+
     async def status(self) -> dict[str, dict[str, Any]]:
         return await self._run(self._store.describe)
 

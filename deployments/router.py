@@ -14,6 +14,7 @@ import os
 import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from ray import serve
@@ -21,6 +22,14 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from shared.api.capabilities import (
+    CapabilitiesResponse,
+    Estimate,
+    ValidateResponse,
+    build_capabilities,
+    peak_memory_bytes,
+    request_record,
+)
 from shared.api.embeddings import (
     EmbeddingsRequest,
     EmbeddingsResponse,
@@ -35,7 +44,7 @@ from shared.api.http_errors import (
     to_serve_error,
 )
 from shared.api.images import decode_image, rgb_pixels
-from shared.api.jobs import DenoiseJob
+from shared.api.jobs import DenoiseJob, multiplexed_id
 from shared.api.request_images import (
     DecodedImages,
     decode_images,
@@ -44,7 +53,15 @@ from shared.api.request_images import (
     with_image_size,
 )
 from shared.api.routes import Backend, build_api
-from shared.api.schemas import Event, GenerateRequest, GenerateResponse, ModelCard, ResultEvent
+from shared.api.schemas import (
+    Event,
+    GenerateRequest,
+    GenerateResponse,
+    ModelCard,
+    RequestRecord,
+    ResultEvent,
+    ResultMetadata,
+)
 from shared.api.validation import check_remote_request, parse_request, resolve_request
 from shared.config import AppConfig, LimitsConfig, ModelConfig, OpenAIImagesConfig
 from shared.errors import BusyError, InvalidRequestError, ServeError, UnavailableError
@@ -112,13 +129,56 @@ def _embedding_items(request: EmbeddingsRequest, limits: LimitsConfig) -> list[A
     return items
 
 
-def _finish(event: Event, model: str, started: float, encode_ms: float) -> Event:
-    """Stamp a result with the model id the client asked for and the end-to-end timings."""
+def _finish(
+    event: Event,
+    model: str,
+    started: float,
+    encode_ms: float,
+    provenance: ResultMetadata | None = None,
+) -> Event:
+    """Stamp a result with the model id the client asked for and the end-to-end timings, and a
+    local one with what the Router knows of how it was made (`provenance`: the resolved request
+    and the weights' digests) next to what the replica added (scheduler, versions)."""
     if isinstance(event, ResultEvent):
         event.model = model
         event.timings.encode_ms = encode_ms
         event.timings.total_ms = (time.time() - started) * 1000
+        if provenance is not None:
+            replica = event.metadata or ResultMetadata()
+            event.metadata = provenance.model_copy(
+                update={"scheduler": replica.scheduler, "versions": replica.versions}
+            )
     return event
+
+
+@dataclass
+class _Resolved:
+    """A local request through the intake, as validate answers it and a job is built from it."""
+
+    request: GenerateRequest  # every default filled in, every limit checked
+    images: DecodedImages
+    fields: dict[str, Any]  # the DenoiseJob fields of its image inputs, fitted to its size
+    record: RequestRecord
+
+
+def _fit_images(request: GenerateRequest, images: DecodedImages) -> _Resolved:
+    """Fit the images to the resolved size; the defaults that come with them (strength,
+    start_noise) go into the request too, so its record says what ran."""
+    fields = job_images(request, images)
+    defaults: dict[str, Any] = {
+        name: fields[name] for name in ("strength", "start_noise") if name in fields
+    }
+    request = request.model_copy(update=defaults)
+    return _Resolved(request, images, fields, request_record(request, images))
+
+
+def _steps_run(request: GenerateRequest) -> int:
+    """The UNet steps a request runs: with an init image, those its strength keeps
+    (diffusers' `int(steps * strength)`)."""
+    assert request.steps is not None
+    if request.init_image is None or request.strength is None:
+        return request.steps
+    return min(int(request.steps * request.strength), request.steps)
 
 
 @serve.deployment(name="Router")
@@ -139,6 +199,8 @@ class Router:
         self._cache = cache
         self._providers = providers or {}
         self._checkpoint_sizes: dict[str, tuple[int, int]] = {}
+        # What a built engine showed of a model (9-channel UNet, tiny decoder): it never changes.
+        self._engine_facts: dict[str, dict[str, bool]] = {}
         self._api_keys = config.auth.load_keys()
         self._store = _output_store(config)
 
@@ -198,9 +260,8 @@ class Router:
         """The request's events; every failure is raised as a ServeError."""
         started = time.time()
         try:
-            remote = self._config.provider_model(request.model)
+            remote = self._remote(request)
             if remote is not None:
-                check_remote_request(request, self._config.limits)
                 events = self._provider_events(request, remote, request_id, streaming, started)
             else:
                 events = self._local_events(request, request_id, streaming, started)
@@ -211,6 +272,31 @@ class Router:
                 await events.aclose()
         except Exception as exc:
             raise _from_ray(exc, request_id) from None
+
+    async def validate_request(self, request: GenerateRequest, request_id: str) -> ValidateResponse:
+        try:
+            if self._remote(request) is not None:  # the provider resolves the rest itself
+                return ValidateResponse(
+                    request=request.model_dump(mode="json"), estimate=Estimate()
+                )
+            model = self._model(request.model)
+            resolved = await self._resolve(request, model)
+            estimate = await self._estimate(resolved.request, model)
+        except Exception as exc:
+            raise _from_ray(exc, request_id) from None
+        record = resolved.record
+        return ValidateResponse(request=record.request, images=record.images, estimate=estimate)
+
+    async def capabilities(self) -> CapabilitiesResponse:
+        models = self._config.models
+        try:
+            states = await self._cache.status.remote()
+            answers = await asyncio.gather(*(self._model_runtime(m.id) for m in models))
+            sizes = {m.id: await self._known_size(m, states.get(m.id, {})) for m in models}
+        except Exception as exc:
+            raise _from_ray(exc, "capabilities") from None
+        runtimes = {m.id: answer["runtime"] for m, answer in zip(models, answers, strict=True)}
+        return build_capabilities(self._config, runtimes, self._engine_facts, sizes)
 
     async def create_embeddings(
         self, request: EmbeddingsRequest, request_id: str
@@ -287,23 +373,81 @@ class Router:
         states = await asyncio.gather(*(_ping(self._providers[n], "breaker_state") for n in names))
         return dict(zip(names, states, strict=True))
 
-    async def _local_events(
-        self, request: GenerateRequest, request_id: str, streaming: bool, started: float
-    ) -> AsyncGenerator[Event, None]:
-        model = self._model(request.model)
+    def _remote(self, request: GenerateRequest) -> tuple[ProviderConfigBase, str] | None:
+        """The provider model a request names, its edge checks passed; None for a local one."""
+        remote = self._config.provider_model(request.model)
+        if remote is not None:
+            check_remote_request(request, self._config.limits)
+        return remote
+
+    async def _resolve(self, request: GenerateRequest, model: ModelConfig) -> _Resolved:
+        """Everything before encoding: images decoded and checked, every default filled in,
+        limits and the model's abilities checked. Generation and validation share it."""
         limits = self._config.limits
         # Images are decoded off the event loop: a large PNG takes tens of milliseconds.
         images = await asyncio.to_thread(decode_images, request, limits)
         request = with_image_size(request, images, limits)
         size = await self._default_size(model, request)
         request = resolve_request(request, model, limits, size)
-        job = await self._prepare_job(request, images, model, request_id, started)
+        if images.image_prompt is not None and model.ip_adapter is None:
+            raise InvalidRequestError(
+                f"model {model.id!r} has no IP-Adapter configured, so it takes no image_prompt; "
+                f"models that do: {', '.join(self._image_prompt_models()) or 'none'}",
+                code="image_prompt_unsupported",
+                param="image_prompt",
+            )
+        return await asyncio.to_thread(_fit_images, request, images)
+
+    async def _estimate(self, request: GenerateRequest, model: ModelConfig) -> Estimate:
+        """Queue and run time from the step times measured on the replica that would take the
+        request; peak memory from the weights the cache holds (see `Estimate`)."""
+        assert request.width and request.height
+        handle = self._pipeline.options(multiplexed_model_id=model.id)
+        timing, states = await asyncio.gather(
+            handle.estimate.remote(
+                model.id, request.width, request.height, _steps_run(request), request.n
+            ),
+            self._cache.status.remote(),
+        )
+        weights = states.get(model.id, {}).get("bytes", 0)
+        size = (request.width, request.height)
+        peak = peak_memory_bytes(weights, request.n, request.guidance_scale, *size, model.dtype)
+        return Estimate(**timing, peak_memory_bytes=peak if weights else None)
+
+    async def _model_runtime(self, model_id: str) -> dict[str, Any]:
+        """A replica's `model_runtime` answer, from one that holds the model if any does."""
+        handle = self._pipeline.options(multiplexed_model_id=model_id)
+        call = handle.model_runtime.remote(model_id, model_id not in self._engine_facts)
+        try:
+            answer = await asyncio.wait_for(call, READY_TIMEOUT_S)
+        except TimeoutError:
+            raise UnavailableError(
+                f"no SDXLPipeline replica answered within {READY_TIMEOUT_S:g} s; retry later"
+            ) from None
+        if answer["engine"] is not None:
+            self._engine_facts[model_id] = answer["engine"]
+        return answer
+
+    async def _local_events(
+        self, request: GenerateRequest, request_id: str, streaming: bool, started: float
+    ) -> AsyncGenerator[Event, None]:
+        model = self._model(request.model)
+        resolved = await self._resolve(request, model)
+        request = resolved.request
+        job, components = await asyncio.gather(
+            self._prepare_job(resolved, model, request_id, started),
+            self._cache.digests.remote(model.id),
+        )
+        record = resolved.record
+        provenance = ResultMetadata(
+            request=record.request, images=record.images, components=components
+        )
         if not streaming:  # nobody would see the previews, or the steps
             job.preview = "none"
             job.stream_steps = False
-        events = self._pipeline.options(stream=True, multiplexed_model_id=model.id).stream.remote(
-            job
-        )
+        # Multiplexed by model and LoRA set: a set's requests prefer the replica holding it.
+        entry = multiplexed_id(model.id, job.loras)
+        events = self._pipeline.options(stream=True, multiplexed_model_id=entry).stream.remote(job)
         try:
             try:
                 first = await anext(events)
@@ -318,9 +462,10 @@ class Router:
                 async for event in spilled:
                     yield event
                 return
-            yield _finish(first, request.model, started, job.timings["encode_ms"])
+            encode_ms = job.timings["encode_ms"]
+            yield _finish(first, request.model, started, encode_ms, provenance)
             async for event in events:
-                yield _finish(event, request.model, started, job.timings["encode_ms"])
+                yield _finish(event, request.model, started, encode_ms, provenance)
         finally:
             events.cancel()
 
@@ -357,31 +502,35 @@ class Router:
         wanted = (request.width, request.height)
         if all(w is not None or c is not None for w, c in zip(wanted, configured, strict=True)):
             return None
-        if model.id not in self._checkpoint_sizes:
-            defaults = await self._cache.defaults.remote(model.id)
+        return await self._checkpoint_size(model.id)
+
+    async def _known_size(
+        self, model: ModelConfig, state: dict[str, Any]
+    ) -> tuple[int, int] | None:
+        """The checkpoint's own size for capabilities: asked of the cache only when the config
+        leaves a side unset and the weights are cached (the question never loads a model)."""
+        if model.default_width is not None and model.default_height is not None:
+            return None
+        if model.id in self._checkpoint_sizes or state.get("state") == "cached":
+            return await self._checkpoint_size(model.id)
+        return None
+
+    async def _checkpoint_size(self, model_id: str) -> tuple[int, int] | None:
+        """The size the checkpoint declares, asked of the cache once (it never changes)."""
+        if model_id not in self._checkpoint_sizes:
+            defaults = await self._cache.defaults.remote(model_id)
             if not defaults:  # the checkpoint declares no size: the request must give one
                 return None
-            self._checkpoint_sizes[model.id] = (defaults["width"], defaults["height"])
-        return self._checkpoint_sizes[model.id]
+            self._checkpoint_sizes[model_id] = (defaults["width"], defaults["height"])
+        return self._checkpoint_sizes[model_id]
 
     async def _prepare_job(
-        self,
-        request: GenerateRequest,
-        images: DecodedImages,
-        model: ModelConfig,
-        request_id: str,
-        started: float,
+        self, resolved: _Resolved, model: ModelConfig, request_id: str, started: float
     ) -> DenoiseJob:
+        request = resolved.request
         assert request.seed is not None and request.width and request.height and request.steps
-        fields = await asyncio.to_thread(job_images, request, images)
-        prompt = image_prompt_pixels(images)
-        if prompt is not None and model.ip_adapter is None:
-            raise InvalidRequestError(
-                f"model {model.id!r} has no IP-Adapter configured, so it takes no image_prompt; "
-                f"models that do: {', '.join(self._image_prompt_models()) or 'none'}",
-                code="image_prompt_unsupported",
-                param="image_prompt",
-            )
+        fields = dict(resolved.fields)
+        prompt = image_prompt_pixels(resolved.images)
         text = self._encoder.encode.remote(model.id, request.prompt, request.negative_prompt)
         if prompt is not None:
             image = self._encoder.encode_image.remote(model.id, prompt)
@@ -405,6 +554,7 @@ class Router:
             output_format=request.output_format,
             created_at=time.time(),
             timings={"encode_ms": (time.time() - started) * 1000},
+            loras=tuple((lora.id, lora.scale) for lora in request.loras),
             **fields,
         )
 

@@ -1,4 +1,4 @@
-"""SDXLPipeline: UNet + VAE on one GPU (or the CPU), multiplexed by model id, streaming steps.
+"""SDXLPipeline: UNet + VAE on one GPU (or the CPU), multiplexed by model and LoRA set.
 
 Every request of the replica goes to its one `StepBatcher`, whose loop runs in its own thread and
 serves all compatible requests with one UNet call per step; each request's events cross back to
@@ -10,8 +10,11 @@ the next step while the others go on.
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
+import json
 import logging
 import os
+import platform
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
@@ -23,8 +26,14 @@ from ray.serve import metrics
 from ray.serve.handle import DeploymentHandle
 
 from deployments.model_cache import fetch_components
-from shared.api.jobs import DenoiseJob
-from shared.api.schemas import QueuedEvent, ResultEvent, StepEvent
+from shared.api.jobs import DenoiseJob, base_model, multiplexed_id
+from shared.api.schemas import (
+    QueuedEvent,
+    ResultEvent,
+    ResultMetadata,
+    SchedulerRecord,
+    StepEvent,
+)
 from shared.config import AppConfig
 from shared.errors import GenerationError, RequestCancelledError
 from shared.weights.loader import ENGINE_COMPONENTS
@@ -34,9 +43,27 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("ray.serve")
 RECENT_JOBS = 256
-MODELS_PER_REPLICA = 2
+MODELS_PER_REPLICA = 2  # models preloaded per replica
+# Multiplexed entries (a model, or a model + LoRA set) a replica holds; engines are per model.
+ENTRIES_PER_REPLICA = 8
 RELEASE_TIMEOUT_S = 2.0
 PipelineEvent = QueuedEvent | StepEvent | ResultEvent
+# Result metadata's `versions`: the key, and the distribution it is read from.
+VERSIONED = {
+    "torch": "torch",
+    "diffusers": "diffusers",
+    "transformers": "transformers",
+    "ray": "ray",
+    "diffusion_serve": "diffusion-serve",
+}
+_versions: dict[str, str] = {}  # read once per replica process
+
+
+class _Entry:
+    """What Serve's multiplexing keeps per multiplexed id: a model's shared engine."""
+
+    def __init__(self, engine: SDXLEngine) -> None:
+        self.engine = engine
 
 
 class _EventSink:
@@ -96,6 +123,27 @@ def _node_id() -> str | None:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
+def _library_versions() -> dict[str, str]:
+    if not _versions:
+        for key, distribution in VERSIONED.items():
+            try:
+                _versions[key] = importlib.metadata.version(distribution)
+            except importlib.metadata.PackageNotFoundError:
+                _versions[key] = "not installed"
+        _versions["python"] = platform.python_version()
+    return dict(_versions)
+
+
+def _scheduler_record(engine: SDXLEngine, name: str | None) -> SchedulerRecord:
+    """The scheduler a job named `name` ran with: built the way the engine builds it."""
+    from shared.engine.samplers import build_scheduler
+
+    scheduler = build_scheduler(name, engine.scheduler_config)
+    return SchedulerRecord(
+        class_name=type(scheduler).__name__, config=json.loads(scheduler.to_json_string())
+    )
+
+
 @serve.deployment(name="SDXLPipeline")
 class SDXLPipeline:
     # An async constructor (Serve awaits it): a replica takes traffic only once the engines of
@@ -118,7 +166,9 @@ class SDXLPipeline:
             on_batch=self._observe_batch,
         )
         self._jobs: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self._built: set[str] = set()  # models whose engine this replica has built
+        self._engines: dict[str, SDXLEngine] = {}  # built here, by model id
+        self._engine_locks: dict[str, asyncio.Lock] = {}
+        self._entries: dict[str, int] = {}  # multiplexed entries alive, by model id
         self._steps = metrics.Counter("sdxl_steps", description="Denoising steps executed.")
         self._outcomes = metrics.Counter(
             "sdxl_jobs", description="Finished jobs by outcome.", tag_keys=("outcome",)
@@ -143,39 +193,60 @@ class SDXLPipeline:
         )
         await self._preload()
 
-    @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
-    async def get_engine(self, model_id: str) -> SDXLEngine:
-        model = self._config.model(model_id)
-        if model is None:
-            raise GenerationError(f"model {model_id!r} is not served by this deployment")
-        holder = _actor_name()
-        components = await fetch_components(self._cache, model_id, ENGINE_COMPONENTS, holder)
-        fast_paths = self._config.engine.resolved(self._device)
-        engine = await asyncio.to_thread(
-            self._build, components, model.dtype, self._device, fast_paths
-        )
-        self._built.add(model_id)
+    @serve.multiplexed(max_num_models_per_replica=ENTRIES_PER_REPLICA)
+    async def get_engine(self, entry_id: str) -> _Entry:
+        """The engine of a multiplexed id (a model, or a model plus a LoRA set): Serve routes
+        each id to a replica that holds it, so a LoRA set's requests meet where its adapters are
+        already loaded. All the entries of a model share its one engine; the model is released
+        when Serve has unloaded the last of them."""
+        model_id = base_model(entry_id)
+        engine = await self._engine(model_id)
+        self._entries[model_id] = self._entries.get(model_id, 0) + 1
+        entry = _Entry(engine)
 
         async def unloaded() -> None:
-            self._built.discard(model_id)
-            if holder is None:
-                return
-            # Also called while the replica shuts down, when the app's cache may be gone first:
-            # never hold up shutdown (the cache forgets dead holders by itself).
-            try:
-                await asyncio.wait_for(
-                    self._cache.release.remote(model_id, holder), timeout=RELEASE_TIMEOUT_S
-                )
-            except Exception as exc:
-                logger.info("could not release %s in ModelCache: %r", model_id, exc)
+            self._entries[model_id] -= 1
+            if self._entries[model_id] == 0:
+                del self._entries[model_id]
+                await self._drop_engine(model_id)
 
         # Serve calls a multiplexed model's `__del__` when it unloads it to make room for another.
-        engine.__del__ = unloaded  # type: ignore[attr-defined]
-        return engine
+        entry.__del__ = unloaded  # type: ignore[attr-defined]
+        return entry
+
+    async def _engine(self, model_id: str) -> SDXLEngine:
+        async with self._engine_locks.setdefault(model_id, asyncio.Lock()):
+            if model_id in self._engines:
+                return self._engines[model_id]
+            model = self._config.model(model_id)
+            if model is None:
+                raise GenerationError(f"model {model_id!r} is not served by this deployment")
+            names = ENGINE_COMPONENTS + tuple(lora.component for lora in model.loras)
+            components = await fetch_components(self._cache, model_id, names, _actor_name())
+            fast_paths = self._config.engine.resolved(self._device)
+            engine = await asyncio.to_thread(
+                self._build, components, model.dtype, self._device, fast_paths
+            )
+            self._engines[model_id] = engine
+            return engine
+
+    async def _drop_engine(self, model_id: str) -> None:
+        self._engines.pop(model_id, None)
+        holder = _actor_name()
+        if holder is None:
+            return
+        # Also called while the replica shuts down, when the app's cache may be gone first:
+        # never hold up shutdown (the cache forgets dead holders by itself).
+        try:
+            await asyncio.wait_for(
+                self._cache.release.remote(model_id, holder), timeout=RELEASE_TIMEOUT_S
+            )
+        except Exception as exc:
+            logger.info("could not release %s in ModelCache: %r", model_id, exc)
 
     async def stream(self, job: DenoiseJob) -> AsyncIterator[PipelineEvent]:
         """Run one job: a QueuedEvent, a StepEvent per step, finally the ResultEvent."""
-        engine = await self.get_engine(job.model)
+        engine = (await self.get_engine(multiplexed_id(job.model, job.loras))).engine
         record = self._track(job.id)
         sink = _EventSink(asyncio.get_running_loop(), record, self._observe_step, job.stream_steps)
         self._batcher.submit(engine, job, sink)  # bad input raises here, before any event
@@ -186,9 +257,10 @@ class SDXLPipeline:
                 item = await sink.events.get()
                 if isinstance(item, BaseException):
                     raise item
-                yield item
                 if isinstance(item, ResultEvent):
+                    yield self._with_provenance(item, engine, job)
                     break
+                yield item
             status = "done"
         except RequestCancelledError:
             raise
@@ -212,17 +284,51 @@ class SDXLPipeline:
             "node_id": _node_id(),
             "pid": os.getpid(),
             "device": self._device,
-            "models_built": sorted(self._built),
+            "models_built": sorted(self._engines),
         }
 
     async def ping(self) -> str:
         return "ok"
 
+    async def model_runtime(self, model_id: str, engine_facts: bool = True) -> dict[str, Any]:
+        """How this replica runs `model_id`: `runtime` (device, GPU ids, UNet and VAE dtypes,
+        whether built here) and, when `engine_facts` and it is built here, `engine`: what only
+        the built engine shows (a 9-channel inpainting UNet, a tiny preview decoder). It reads
+        the replica's engines directly: asking never loads a model nor counts as a use."""
+        model = self._config.model(model_id)
+        if model is None:
+            raise GenerationError(f"model {model_id!r} is not served by this deployment")
+        built = model_id in self._engines
+        runtime = {
+            "device": self._device,
+            "gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()],
+            "dtype": model.dtype,
+            "vae_dtype": "float32",  # build_engine decodes in float32 whatever the dtype
+            "built": built,
+        }
+        engine = None
+        if built and engine_facts:
+            built_engine = self._engines[model_id]
+            engine = {
+                "inpainting_unet": built_engine.inpainting_unet,
+                "tiny_preview": built_engine.previewers["tiny"] is not None,
+            }
+        return {"runtime": runtime, "engine": engine}
+
+    async def estimate(
+        self, model_id: str, width: int, height: int, steps: int, images: int
+    ) -> dict[str, float | None]:
+        """`queue_ms` and `run_ms` of a job of this shape on this replica now (see
+        `StepBatcher.estimate`): null before this replica measured a step."""
+        if self._config.model(model_id) is None:
+            raise GenerationError(f"model {model_id!r} is not served by this deployment")
+        return self._batcher.estimate(width, height, steps, images)
+
     async def _preload(self) -> None:
         preloaded = [m for m in self._config.models if m.preload][:MODELS_PER_REPLICA]
         for model in preloaded:
             try:
-                engine = await self.get_engine(model.id)
+                engine = (await self.get_engine(model.id)).engine
                 size = await self._cache.defaults.remote(model.id)
                 width = model.default_width or size.get("width", 1024)
                 height = model.default_height or size.get("height", 1024)
@@ -238,6 +344,16 @@ class SDXLPipeline:
         self._batch_requests.observe(requests)
         self._batch_images.observe(images)
         self._queue_depth.set(self._batcher.depth()[0])
+
+    def _with_provenance(
+        self, result: ResultEvent, engine: SDXLEngine, job: DenoiseJob
+    ) -> ResultEvent:
+        """The result with what only the replica knows of how it was made: the scheduler and
+        the library versions (the Router adds the request and the weights' digests)."""
+        result.metadata = ResultMetadata(
+            scheduler=_scheduler_record(engine, job.scheduler), versions=_library_versions()
+        )
+        return result
 
     def _track(self, job_id: str) -> dict[str, Any]:
         record = {

@@ -4,6 +4,7 @@ torch."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,3 +62,28 @@ class DenoiseJob:
     noise_mask: NoiseInjection | None = None
     image_embeds: np.ndarray | None = None  # (1, dim) CLIP image embedding for the IP-Adapter
     image_prompt_scale: float = 1.0
+    loras: tuple[tuple[str, float], ...] = ()  # (LoRA id, scale) pairs
+
+
+LoraSet = tuple[tuple[str, float], ...]
+# Between a model id and its LoRA ids in a multiplexed model id ("tiny#loras=a,b").
+LORA_SET_MARK = "#loras="
+
+
+def lora_set(loras: Iterable[tuple[str, float]]) -> LoraSet:
+    """A LoRA set as the step batcher's key: sorted by id, scale-0 entries dropped (a LoRA at
+    weight 0 adds exactly nothing, so those requests batch with plain ones)."""
+    return tuple(sorted((lora_id, float(scale)) for lora_id, scale in loras if scale != 0))
+
+
+def multiplexed_id(model: str, loras: Iterable[tuple[str, float]]) -> str:
+    """The id Serve multiplexes SDXLPipeline on: the model, plus the ids of the LoRAs a request
+    applies, so requests of one LoRA set prefer the replica that already holds its adapters
+    (scales do not matter for that: adapters are loaded per id)."""
+    ids = [lora_id for lora_id, _ in lora_set(loras)]
+    return f"{model}{LORA_SET_MARK}{','.join(ids)}" if ids else model
+
+
+def base_model(multiplexed: str) -> str:
+    """The model id of a multiplexed id."""
+    return multiplexed.split(LORA_SET_MARK, 1)[0]

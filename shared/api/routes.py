@@ -21,6 +21,12 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
+from shared.api.capabilities import (
+    CapabilitiesResponse,
+    SchedulerList,
+    ValidateResponse,
+    scheduler_list,
+)
 from shared.api.embeddings import (
     EmbeddingsRequest,
     EmbeddingsResponse,
@@ -110,6 +116,13 @@ class Backend(Protocol):
     def stream_events(
         self, request: GenerateRequest, request_id: str
     ) -> AsyncGenerator[Event, None]: ...
+
+    async def validate_request(self, request: GenerateRequest, request_id: str) -> ValidateResponse:
+        """The request resolved as `generate_response` would run it, and its estimate; raises
+        what `generate_response` would raise for it before any work is queued."""
+        ...
+
+    async def capabilities(self) -> CapabilitiesResponse: ...
 
     async def create_embeddings(
         self, request: EmbeddingsRequest, request_id: str
@@ -333,6 +346,9 @@ def noise_mask_list() -> NoiseMaskList:
     return NoiseMaskList(data=[NoiseMask(**entry) for entry in pattern_catalog()])
 
 
+SCHEDULERS = scheduler_list()
+
+
 def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
     """FastAPI's document plus the schemas that hand-parsed bodies and streams refer to."""
 
@@ -396,6 +412,44 @@ def build_api(
             return JSONResponse(response.model_dump())
         media_type = pick_stream_type(request.headers.get("accept"))
         return await start_stream(backend, generate_request, request_id, media_type)
+
+    @app.post(
+        "/v1/generate/validate",
+        summary="Validate and resolve a generation request without running it: the request "
+        "with every default filled in, its images' digests, and an estimate of its cost",
+        openapi_extra=_body("application/json", _ref(GenerateRequest)),
+        responses={
+            200: {
+                "description": "The resolved request and its estimate.",
+                "model": ValidateResponse,
+            },
+            **_errors(400, 404, 413, 415, 422, 429, 500, 503),
+        },
+        response_class=JSONResponse,
+    )
+    async def validate(request: Request, backend: Backend = backend_dependency) -> Response:
+        # The same intake as POST /v1/generate, so a request refused there is refused here alike.
+        body = await read_json_body(request, backend.limits.max_body_bytes)
+        resolved = await backend.validate_request(parse_request(body), request_id_of(request))
+        return JSONResponse(resolved.model_dump())
+
+    @app.get(
+        "/v1/capabilities",
+        summary="What every model takes: tasks, samplers, previews, LoRAs, defaults, limits, "
+        "batching, device and dtype",
+        responses=_errors(500, 503),
+    )
+    async def capabilities(backend: Backend = backend_dependency) -> CapabilitiesResponse:
+        return await backend.capabilities()
+
+    @app.get(
+        "/v1/schedulers",
+        summary="List the sampler names `scheduler` takes, with their diffusers classes",
+        responses=_errors(500),
+        dependencies=[backend_dependency],
+    )
+    async def schedulers() -> SchedulerList:
+        return SCHEDULERS
 
     @app.get(
         "/v1/generate",

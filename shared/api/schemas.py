@@ -7,9 +7,10 @@ checked by `shared.api.validation`.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shared.api.noise_masks import NoiseMaskName
 from shared.api.vocabulary import ImageFormat, PreviewKind, SchedulerName
@@ -28,6 +29,9 @@ IMAGE_FIELD = (
     "request size by scaling to cover it and cropping the centre; sets the size when the request "
     "gives none."
 )
+
+# The top-level image inputs of a GenerateRequest (a custom noise mask is `noise_mask.image`).
+IMAGE_INPUTS = ("init_image", "mask", "start_image", "image_prompt")
 
 
 class NoiseMaskSpec(BaseModel):
@@ -59,6 +63,15 @@ class NoiseMaskSpec(BaseModel):
         if self.start >= self.end:
             raise FieldConflict("start", f"start ({self.start}) must be below end ({self.end})")
         return self
+
+
+class LoraSpec(BaseModel):
+    """One LoRA of a request: a LoRA configured for the model, and its weight."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=200, description="A LoRA id from /v1/capabilities.")
+    scale: float = Field(default=1.0, ge=-4.0, le=4.0, description="Its weight; 0 = off.")
 
 
 class GenerateRequest(BaseModel):
@@ -127,6 +140,9 @@ class GenerateRequest(BaseModel):
     image_prompt_scale: float = Field(
         default=1.0, ge=0.0, le=2.0, description="Weight of the image prompt (IP-Adapter scale)."
     )
+    loras: list[LoraSpec] = Field(
+        default_factory=list, description="LoRAs to apply, each with its scale."
+    )
 
     @model_validator(mode="after")
     def _image_inputs_agree(self) -> GenerateRequest:
@@ -138,13 +154,15 @@ class GenerateRequest(BaseModel):
             raise FieldConflict("start_image", "give init_image or start_image, not both")
         if self.start_image is None and self.start_noise is not None:
             raise FieldConflict("start_noise", "start_noise needs a start_image")
+        ids = [lora.id for lora in self.loras]
+        if len(set(ids)) != len(ids):
+            raise FieldConflict("loras", "each LoRA may appear once in loras")
         return self
 
     @property
     def image_fields(self) -> dict[str, str]:
         """The request's image inputs by field name (what a provider model cannot take)."""
-        names = ("init_image", "mask", "start_image", "image_prompt")
-        images = {name: getattr(self, name) for name in names if getattr(self, name)}
+        images = {name: getattr(self, name) for name in IMAGE_INPUTS if getattr(self, name)}
         if self.noise_mask is not None and self.noise_mask.image is not None:
             images["noise_mask.image"] = self.noise_mask.image
         return images
@@ -169,6 +187,80 @@ class Timings(BaseModel):
     total_ms: float = 0.0
 
 
+class ImageDigest(BaseModel):
+    """An input image as a request record keeps it: what was decoded, not its bytes."""
+
+    sha256: str = Field(
+        description="sha256 of the decoded pixels: the image's raw bytes in its decoded mode "
+        "(RGB, RGBA or L), row by row, after EXIF orientation; the same for the same pixels "
+        "whatever the file format."
+    )
+    width: int = Field(description="The image's own width, before it is fitted to the request.")
+    height: int
+
+
+class RequestRecord(BaseModel):
+    """A resolved request without its image payloads: every default filled in (size, steps,
+    sampler, seed, strength, start_noise), each image field null and listed in `images`."""
+
+    request: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The resolved GenerateRequest's fields. Sent back to /v1/generate (with the "
+        "image fields given again) it reproduces the result.",
+    )
+    images: dict[str, ImageDigest] = Field(
+        default_factory=dict,
+        description="The request's image inputs by field (`noise_mask.image` for a custom noise "
+        "mask).",
+    )
+
+
+class SchedulerRecord(BaseModel):
+    """The diffusers scheduler a job ran with."""
+
+    class_name: str = Field(description="The diffusers class, e.g. EulerDiscreteScheduler.")
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Its config as diffusers serializes it (`from_config` rebuilds it), but "
+        "JSON-safe: a non-finite float (DPM-Solver's `lambda_min_clipped: -inf`) is the string "
+        "`float()` reads back (`-Infinity`).",
+    )
+
+    @field_validator("config")
+    @classmethod
+    def _json_safe(cls, config: dict[str, Any]) -> dict[str, Any]:
+        return _finite_or_text(config)
+
+
+def _finite_or_text(value: Any) -> Any:
+    """`value` with every non-finite float as JSON's usual spelling, a string (strict JSON, as
+    our responses are encoded, has no Infinity or NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {key: _finite_or_text(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_text(item) for item in value]
+    return value
+
+
+class ResultMetadata(RequestRecord):
+    """What reproduces a local result: the resolved request, the weights, the sampler and the
+    software that made it. Small on the wire: digests, never image bytes."""
+
+    components: dict[str, dict[str, str]] = Field(
+        default_factory=dict,
+        description="sha256 of every weight and config file, by component (unet, vae, ...) and "
+        "file path within it.",
+    )
+    scheduler: SchedulerRecord | None = None
+    versions: dict[str, str] = Field(
+        default_factory=dict,
+        description="torch, diffusers, transformers, ray, python and diffusion_serve versions "
+        "of the replica that ran the job.",
+    )
+
+
 class GenerateResponse(BaseModel):
     id: str
     model: str
@@ -176,6 +268,10 @@ class GenerateResponse(BaseModel):
     images: list[GeneratedImage]
     timings: Timings
     spilled_over: bool = False
+    metadata: ResultMetadata | None = Field(
+        default=None,
+        description="Reproducibility record of a local result; null for a provider's.",
+    )
 
 
 class QueuedEvent(BaseModel):

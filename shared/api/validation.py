@@ -99,6 +99,7 @@ def resolve_request(
     _check_range("n", filled.n, 1, limits.max_n)
     _check_range("guidance_scale", filled.guidance_scale, 0.0, limits.max_guidance_scale)
     _check_range("preview_every", filled.preview_every, 1, limits.max_steps)
+    _check_loras(filled, model, limits)
     for name in ("prompt", "negative_prompt"):
         text = getattr(filled, name)
         if text is not None and len(text) > limits.max_prompt_chars:
@@ -108,6 +109,24 @@ def resolve_request(
                 param=name,
             )
     return filled
+
+
+def _check_loras(request: GenerateRequest, model: ModelConfig, limits: LimitsConfig) -> None:
+    if len(request.loras) > limits.max_loras:
+        raise InvalidRequestError(
+            f"loras has {len(request.loras)} entries; the limit is {limits.max_loras}",
+            code="too_many_loras",
+            param="loras",
+        )
+    known = {lora.id for lora in model.loras}
+    for index, lora in enumerate(request.loras):
+        if lora.id not in known:
+            names = ", ".join(sorted(known)) or "none"
+            raise InvalidRequestError(
+                f"unknown LoRA {lora.id!r} for model {model.id!r}; its LoRAs: {names}",
+                code="unknown_lora",
+                param=f"loras.{index}.id",
+            )
 
 
 def _first_set(name: str, *values: int | None) -> int:
@@ -126,8 +145,8 @@ def check_remote_request(request: GenerateRequest, limits: LimitsConfig) -> None
     """The limits that apply to a provider model too (its own API checks the rest)."""
     _check_range("n", request.n, 1, limits.max_n)
     images = request.image_fields
-    if images or request.noise_mask is not None:
-        param = next(iter(images), "noise_mask")
+    if images or request.noise_mask is not None or request.loras:
+        param = next(iter(images), "noise_mask" if request.noise_mask else "loras")
         raise InvalidRequestError(
             f"{param} is not supported for provider models (image inputs run on local models only)",
             code="unsupported_for_provider",

@@ -15,9 +15,16 @@ from shared.config.app import (
     StorageConfig,
 )
 from shared.config.deployment import AutoscalingConfig, DeploymentOptions
-from shared.config.models import IPAdapterConfig, LimitsConfig, ModelConfig
+from shared.config.models import (
+    LORA_PREFIX,
+    IPAdapterConfig,
+    LimitsConfig,
+    LoraConfig,
+    ModelConfig,
+)
 
 __all__ = [
+    "LORA_PREFIX",
     "AppConfig",
     "AuthConfig",
     "AutoscalingConfig",
@@ -28,6 +35,7 @@ __all__ = [
     "EngineConfig",
     "IPAdapterConfig",
     "LimitsConfig",
+    "LoraConfig",
     "ModelConfig",
     "OpenAIImagesConfig",
     "StorageConfig",

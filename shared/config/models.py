@@ -42,6 +42,7 @@ class LimitsConfig(StrictConfig):
         "decoding (far below Pillow's decompression-bomb limit).",
     )
     preview_max_side: int = Field(256, ge=16, le=2048, description="Longest side of a preview.")
+    max_loras: int = Field(4, ge=0, le=16, description="Most LoRAs one request may apply.")
 
     @model_validator(mode="after")
     def _ordered(self) -> LimitsConfig:
@@ -68,6 +69,29 @@ class IPAdapterConfig(StrictConfig):
         min_length=1,
         description="Folder of the CLIPVisionModelWithProjection, relative to source.",
     )
+
+
+LORA_PREFIX = "lora:"  # a LoRA's component name in the ModelCache: `lora:<id>`
+
+
+class LoraConfig(StrictConfig):
+    """A LoRA a request may name for its model (`loras: [{id, scale}]`)."""
+
+    id: str = Field(min_length=1, max_length=200, description="Name requests put in `loras`.")
+    source: str = Field(
+        min_length=1,
+        description="`tiny-lora`/`tiny-lora-kohya` (built in), a local file or folder, "
+        "`s3://bucket/prefix`, or an HF id.",
+    )
+    weight_name: str | None = Field(
+        None,
+        description="The .safetensors file inside a folder or repo source; the only one there "
+        "if unset.",
+    )
+
+    @property
+    def component(self) -> str:
+        return f"{LORA_PREFIX}{self.id}"
 
 
 class ModelConfig(StrictConfig):
@@ -114,6 +138,15 @@ class ModelConfig(StrictConfig):
         default_factory=dict,
         description="fsspec/s3fs options (endpoint_url, anon, client_kwargs.region_name, ...); "
         "credentials come from the environment.",
+    )
+    loras: list[LoraConfig] = Field(
+        default_factory=list,
+        description="LoRAs requests may apply (safetensors; kohya/A1111 or diffusers/PEFT keys).",
+    )
+    vae: str | None = Field(
+        None,
+        description="A VAE to use instead of the checkpoint's: a subfolder of the source or "
+        "another source (e.g. madebyollin/sdxl-vae-fp16-fix).",
     )
     ip_adapter: IPAdapterConfig | None = Field(
         None, description="IP-Adapter for `image_prompt`; unset refuses image prompts."

@@ -3,11 +3,11 @@
 Requests wait in a FIFO. At every step boundary the loop admits waiting requests while their
 images fit `max_batch_images` (the head of the line always runs when nothing else does), drops
 the cancelled ones, groups the rest by what lets them share a UNet call (engine — that is,
-model — and size; the dtype is the engine's), runs one `SDXLEngine.step` per group, then finishes
-the requests whose last step that was with one `SDXLEngine.decode` per group. A request joins at
-the next boundary and starts at its own step 0; it leaves when done or cancelled, and the others
-go on undisturbed. With batching off it admits one request at a time, which is a plain FIFO of
-whole requests.
+model —, size and LoRA set; the dtype is the engine's), runs one `SDXLEngine.step` per group,
+then finishes the requests whose last step that was with one `SDXLEngine.decode` per group. A
+request joins at the next boundary and starts at its own step 0; it leaves when done or
+cancelled, and the others go on undisturbed. With batching off it admits one request at a time,
+which is a plain FIFO of whole requests.
 
 It runs in its own thread and talks to each request through a `Sink` (thread-safe on the
 caller's side: the deployment hands events to its event loop with `call_soon_threadsafe`).
@@ -24,13 +24,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from shared.api.jobs import DenoiseJob
+from shared.api.jobs import DenoiseJob, lora_set
 from shared.api.schemas import QueuedEvent, ResultEvent, StepEvent
 from shared.engine.sdxl import Denoising, SDXLEngine
 from shared.errors import RequestCancelledError, ServeError, UnavailableError
 
 logger = logging.getLogger(__name__)
-GroupKey = tuple[int, tuple[int, int]]
+GroupKey = tuple[int, tuple[int, int], tuple[tuple[str, float], ...]]
 # How much one new step time moves the estimate used for `queued` ETAs.
 STEP_TIME_SMOOTHING = 0.3
 
@@ -65,7 +65,8 @@ class _Request:
 
     @property
     def key(self) -> GroupKey:
-        return id(self.engine), (self.job.height, self.job.width)
+        """What lets requests share a UNet call: engine (model), size and LoRA set."""
+        return id(self.engine), (self.job.height, self.job.width), lora_set(self.job.loras)
 
 
 @dataclass
@@ -279,21 +280,49 @@ class StepBatcher:
 
     # ---- ETA ----------------------------------------------------------------------------
 
+    def estimate(self, width: int, height: int, steps: int, images: int) -> dict[str, float | None]:
+        """What a request of this shape would wait for and run for if it came now: `queue_ms`
+        until its first step (the queue played forward as for `queued` ETAs) and `run_ms`, its
+        `steps` at the step time measured for its size. Both None until a step was measured."""
+        step_ms = self._step_ms(width * height)
+        if step_ms is None:
+            return {"queue_ms": None, "run_ms": None}
+        with self._cond:
+            ahead = [(r.images, r.job.steps) for r in self._waiting]
+            plan = list(self._plan)
+        return {
+            "queue_ms": self._steps_until_start(plan, ahead, images) * step_ms,
+            "run_ms": steps * step_ms,
+        }
+
     def _eta(self, ahead: list[_Request], request: _Request) -> float | None:
         """Milliseconds until `request` runs its first step: the queue played forward one step
         at a time with the measured step time (None until a step has been measured)."""
-        step_ms = self.step_times.estimate(request.job.height * request.job.width)
+        step_ms = self._step_ms(request.job.height * request.job.width)
         if step_ms is None:
             return None
-        running = [list(item) for item in self._plan]
-        queue = [(r.images, r.job.steps) for r in ahead] + [(request.images, -1)]
+        queue = [(r.images, r.job.steps) for r in ahead]
+        return self._steps_until_start(self._plan, queue, request.images) * step_ms
+
+    def _step_ms(self, pixels: int) -> float | None:
+        # A copy (one C call, atomic under the GIL): the loop's thread records step times into
+        # the dict without the lock, and `estimate` iterates it.
+        return StepTimes(dict(self.step_times.by_pixels)).estimate(pixels)
+
+    def _steps_until_start(
+        self, plan: list[tuple[int, int]], ahead: list[tuple[int, int]], images: int
+    ) -> int:
+        """Steps until a request of `images` images is admitted behind `ahead` ((images, steps)
+        each), with `plan` ((images, steps left) each) running."""
+        running = [list(item) for item in plan]
+        queue = [*ahead, (images, -1)]
         steps = 0
         while True:
             while queue and self._would_fit(queue[0][0], running):
-                images, left = queue.pop(0)
+                admitted, left = queue.pop(0)
                 if left == -1:
-                    return steps * step_ms
-                running.append([images, left])
+                    return steps
+                running.append([admitted, left])
             for item in running:
                 item[1] -= 1
             running = [item for item in running if item[1] > 0]

@@ -6,9 +6,13 @@ are imported only in those replicas.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
 
+from shared.config import LORA_PREFIX
 from shared.engine.ip_adapter import attach_ip_adapter, has_ip_adapter
 from shared.engine.modules import (
     build_image_processor,
@@ -38,13 +42,23 @@ def build_engine(
         # Before the fast paths: the adapter replaces the UNet's attention processors, and
         # fusing must know which of them are the adapter's.
         attach_ip_adapter(unet, build_state_dict(components["ip_adapter"], device, dtype))
+    loras: dict[str, Callable[[], dict[str, torch.Tensor]]] = {
+        name.removeprefix(LORA_PREFIX): partial(build_state_dict, weights, device, dtype)
+        for name, weights in components.items()
+        if name.startswith(LORA_PREFIX)
+    }
+    paths = dict(fast_paths or {})
+    if loras:
+        # LoRAs target to_q/to_k/to_v, which fusing replaces with one projection.
+        paths["fuse_qkv"] = False
     return SDXLEngine(
-        unet=apply_fast_paths(unet, **(fast_paths or {})),
+        unet=apply_fast_paths(unet, **paths),
         vae=build_module(components["vae"], device=device, dtype=torch.float32),
         scheduler_config=build_scheduler_config(components["scheduler"]),
         preview_decoder=build_module(taesd, device=device, dtype=torch.float32) if taesd else None,
         device=device,
         dtype=dtype,
+        loras=loras,
     )
 
 

@@ -31,7 +31,7 @@ from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-from shared.api.jobs import DenoiseJob, PromptEmbeddings
+from shared.api.jobs import DenoiseJob, LoraSet, PromptEmbeddings, lora_set
 from shared.api.schemas import GeneratedImage, ResultEvent, StepEvent, Timings
 from shared.api.vocabulary import (
     IMAGE_FORMATS,
@@ -55,6 +55,7 @@ from shared.engine.ip_adapter import (
     image_prompt_rows,
     set_row_scales,
 )
+from shared.engine.loras import LoraAdapters
 from shared.engine.previews import (
     LatentRGBDecoder,
     PreviewDecoder,
@@ -130,6 +131,11 @@ class Denoising:
         """(height, width): requests of one size can share a UNet call."""
         return self.job.height, self.job.width
 
+    @property
+    def lora_set(self) -> LoraSet:
+        """The LoRAs its UNet calls run with: requests share a call only with the same set."""
+        return lora_set(self.job.loras)
+
 
 class SDXLEngine:
     """Runs DenoiseJobs on one device with the modules it is given."""
@@ -142,6 +148,7 @@ class SDXLEngine:
         preview_decoder: AutoencoderTiny | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        loras: dict[str, Callable[[], dict[str, torch.Tensor]]] | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
@@ -155,6 +162,7 @@ class SDXLEngine:
         self.inpainting_unet = self.unet.config.in_channels == 9
         self.ip_adapter = has_ip_adapter(self.unet)
         self.image_embeds_dim = image_embeds_dim(self.unet) if self.ip_adapter else 0
+        self.loras = LoraAdapters(self.unet, loras or {})
         tiny = (
             TinyVAEDecoder(preview_decoder, self.device, dtype)
             if preview_decoder is not None
@@ -225,6 +233,7 @@ class SDXLEngine:
         self._check_job(job)
         self._previewer(job.preview)
         build_scheduler(job.scheduler, self.scheduler_config)
+        self.loras.check(lora_set(job.loras))
 
     def prepare(self, job: DenoiseJob) -> Denoising:
         """Check the job and set up its sampler, conditioning and initial latents."""
@@ -252,9 +261,12 @@ class SDXLEngine:
         The states must share a size (`Denoising.size`); each keeps its own sampler, timestep,
         guidance and generators, so the result of each equals its own step run alone.
         """
-        if len({state.size for state in states}) != 1:
-            raise ValueError("states of one UNet call must share a size")
+        if len({(state.size, state.lora_set) for state in states}) != 1:
+            raise ValueError("states of one UNet call must share a size and a LoRA set")
         started = time.perf_counter()
+        # Adapters load (once) here, on the batcher's thread between UNet calls.
+        self.loras.ensure(states[0].lora_set)
+        self.loras.activate(states[0].lora_set)
         with torch.inference_mode():
             outputs = self._denoise_step(states)
             self._synchronize()

@@ -10,6 +10,12 @@ models name a TAESD-XL checkpoint instead). `tiny-inpaint` is `tiny` with a 9-ch
 `tiny-ip-adapter` is an IP-Adapter for `tiny` in the h94/IP-Adapter layout: a CLIP vision encoder
 under `sdxl_models/image_encoder/` and the adapter's state dict in
 `sdxl_models/ip-adapter_sdxl.safetensors`, as diffusers' `load_ip_adapter` reads them.
+
+`tiny-lora` and `tiny-lora-kohya` are LoRAs for `tiny`'s UNet, one .safetensors file each, that
+visibly change its outputs: `tiny-lora` in diffusers/PEFT keys on every attention projection,
+saved by diffusers' `save_lora_weights`; `tiny-lora-kohya` in kohya/A1111 keys (with `.alpha`) on
+the transformers' proj_in/proj_out and feed-forward layers. Both load with
+`pipe.load_lora_weights(folder, weight_name=..., adapter_name=...)`.
 """
 
 from __future__ import annotations
@@ -28,8 +34,15 @@ if TYPE_CHECKING:
     import torch
     from diffusers import UNet2DConditionModel
 
-# Every built-in source name: the SDXL presets, then the adapter.
-BUILTIN_PRESETS = ("tiny", "small", "tiny-inpaint", "tiny-ip-adapter")
+# Every built-in source name: the SDXL presets, then the adapters.
+BUILTIN_PRESETS = (
+    "tiny",
+    "small",
+    "tiny-inpaint",
+    "tiny-ip-adapter",
+    "tiny-lora",
+    "tiny-lora-kohya",
+)
 FORMAT_VERSION = "1"
 # Written last into a built folder: a folder with it is complete.
 _MARKER = "diffusion_serve.json"
@@ -40,6 +53,15 @@ _IP_IMAGE_SIZE = 32
 # to_k_ip/to_v_ip get std 0.3 (default init: ~0.07) so that image prompts visibly steer the tiny
 # UNet, whose random text path would otherwise drown them out.
 _IP_WEIGHT_STD = 0.3
+# The LoRAs' weight files: diffusers' default name, and a kohya-style one.
+TINY_LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+TINY_LORA_KOHYA_WEIGHTS = "tiny_lora_kohya.safetensors"
+_LORA_RANK = 4
+_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # tiny-lora: every attention projection
+_KOHYA_TARGETS = ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")  # tiny-lora-kohya
+# Up-projection std: large enough that each LoRA moves the UNet's output by ~20-40%, so a test
+# sees its effect in the pixels (PEFT starts lora_B at zero, a no-op).
+_LORA_UP_STD = 0.3
 
 # SDXL base 1.0's scheduler_config.json, so the tiny model steps through the same timesteps.
 SDXL_SCHEDULER_CONFIG: dict[str, object] = {
@@ -114,6 +136,8 @@ def resolve_builtin(name: str, root: Path | None = None) -> Path:
     builders: dict[str, Callable[[Path], None]] = {
         **{preset: partial(build_sdxl, preset=PRESETS[preset]) for preset in PRESETS},
         "tiny-ip-adapter": build_ip_adapter,
+        "tiny-lora": build_tiny_lora,
+        "tiny-lora-kohya": build_tiny_lora_kohya,
     }
     if name not in builders:
         raise ValueError(
@@ -330,3 +354,50 @@ def _cross_attention_layers(unet: torch.nn.Module) -> list[tuple[int, tuple[int,
             layers.append((key_id, (attention.to_k.out_features, attention.to_k.in_features)))
             key_id += 2
     return layers
+
+
+def build_tiny_lora(path: Path) -> None:
+    """Build `tiny-lora` under `path`: a PEFT LoRA (rank 4, alpha 4) on tiny's attention
+    projections, saved exactly as diffusers' `save_lora_weights(unet_lora_layers=...)` does."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = _unet(PRESETS["tiny"])
+    torch.manual_seed(7)  # lora_A's default init
+    config = LoraConfig(r=_LORA_RANK, lora_alpha=_LORA_RANK, target_modules=list(_LORA_TARGETS))
+    unet.add_adapter(config)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if ".lora_B." in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * _LORA_UP_STD)
+    StableDiffusionXLPipeline.save_lora_weights(
+        path, unet_lora_layers=get_peft_model_state_dict(unet), weight_name=TINY_LORA_WEIGHTS
+    )
+
+
+def build_tiny_lora_kohya(path: Path) -> None:
+    """Build `tiny-lora-kohya` under `path`: kohya/A1111 keys
+    (`lora_unet_<module path with underscores>.lora_down.weight`, `.lora_up.weight`, `.alpha`)
+    on the transformers' proj_in/proj_out and feed-forward layers, rank 4 with alpha 2 (a 0.5
+    scale, as kohya trains with alpha below the rank), tagged as sd-scripts tags its files."""
+    import torch
+    from safetensors.torch import save_file
+
+    unet = _unet(PRESETS["tiny"])
+    generator = torch.Generator().manual_seed(8)
+    state: dict[str, torch.Tensor] = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.endswith(_KOHYA_TARGETS):
+            key = "lora_unet_" + name.replace(".", "_")
+            down = torch.randn(_LORA_RANK, module.in_features, generator=generator)
+            state[f"{key}.lora_down.weight"] = down / module.in_features**0.5
+            up = torch.randn(module.out_features, _LORA_RANK, generator=generator)
+            state[f"{key}.lora_up.weight"] = up * _LORA_UP_STD
+            state[f"{key}.alpha"] = torch.tensor(_LORA_RANK / 2)
+    # One metadata entry: safetensors writes them in hash order, and the file's bytes (its
+    # digest) must be the same on every build.
+    metadata = {"ss_network_module": "networks.lora"}
+    save_file(state, path / TINY_LORA_KOHYA_WEIGHTS, metadata=metadata)

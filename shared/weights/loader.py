@@ -4,9 +4,11 @@ This module owns the road from a model source to `ModelWeights`: one `ComponentW
 pipeline component, holding its config, its tensors as raw bytes in numpy (`TensorBlob`) and small
 side files (tokenizers, image processors). It reads the diffusers layout (model_index.json, a
 folder per component, the variant's weight files or the full ones, sharded or not) plus optional
-extra components such as the preview decoder, and a configured IP-Adapter (its CLIP vision
-encoder and its weights file), and refuses pickle weights unless a model opts in. `load_suite` is
-everything a model configures; ModelCache `ray.put`s each component as is.
+extra components such as the preview decoder, a VAE that replaces the checkpoint's, and a
+configured IP-Adapter (its CLIP vision encoder and its weights file), and refuses pickle weights
+unless a model opts in. Every component keeps the sha256 of each file read for it. `load_suite` is
+everything a model configures, its LoRAs included (`shared.weights.loras`); ModelCache `ray.put`s
+each component as is. The containers themselves live in `shared.weights.components`.
 
 Opening sources and reading files with checksums live in `shared.weights.sources`, parsing
 checkpoint files in `shared.weights.tensor_files`, and building torch modules, tokenizers and
@@ -20,20 +22,21 @@ import io
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
 
 from shared.config import ModelConfig
 from shared.errors import ModelLoadError
+from shared.weights.components import ComponentWeights, ModelWeights
+from shared.weights.loras import load_loras
 from shared.weights.sources import (
     PICKLE_STEMS,
     PICKLE_SUFFIXES,
     SourceReader,
     hub_patterns,
     open_source,
-    source_kind,
+    options_for,
 )
 from shared.weights.tensor_files import TensorBlob, parse_pickle, parse_safetensors
 
@@ -57,41 +60,6 @@ _SIDE_FILES = ("preprocessor_config.json",)
 _MISSING_CODES = frozenset({"model_not_found", "missing_file"})
 
 
-@dataclass(repr=False)
-class ComponentWeights:
-    """Everything needed to rebuild one pipeline component, and nothing that needs torch."""
-
-    name: str
-    library: str  # "diffusers" | "transformers"
-    class_name: str
-    config: dict[str, Any]
-    tensors: dict[str, TensorBlob] = field(default_factory=dict)
-    files: dict[str, bytes] = field(default_factory=dict)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values()) + sum(map(len, self.files.values()))
-
-    def __repr__(self) -> str:
-        return (
-            f"ComponentWeights({self.name}: {self.library}.{self.class_name}, "
-            f"{len(self.tensors)} tensors, {len(self.files)} files, {self.nbytes} bytes)"
-        )
-
-
-@dataclass(repr=False)
-class ModelWeights:
-    source: str
-    components: dict[str, ComponentWeights]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(c.nbytes for c in self.components.values())
-
-    def __repr__(self) -> str:
-        return f"ModelWeights({self.source}: {', '.join(self.components)}; {self.nbytes} bytes)"
-
-
 # ------------------------------------------------------------------------------------ components
 
 
@@ -99,20 +67,29 @@ def load_model(
     config: ModelConfig,
     components: Sequence[str] = SDXL_COMPONENTS,
     extra: Mapping[str, str | None] | None = None,
+    overrides: Mapping[str, str | None] | None = None,
 ) -> ModelWeights:
     """Read `components` of `config.source` (diffusers layout), plus optional `extra` ones.
 
     `extra` maps a component name to a subfolder of the source or to another source (the preview
     decoder: {"taesd": config.preview_decoder}); an extra that does not exist is left out.
-    Components that model_index.json declares empty (null) are left out as well.
+    `overrides` does the same for components read instead of the checkpoint's own folder (a VAE:
+    {"vae": config.vae}), which must exist. Components that model_index.json declares empty
+    (null) are left out.
     """
     extras = {name: value for name, value in (extra or {}).items() if value}
-    folders = [*components, *(v for v in extras.values() if "://" not in v)]
+    replaced = {name: value for name, value in (overrides or {}).items() if value}
+    own = [name for name in components if name not in replaced]
+    elsewhere = [*extras.values(), *replaced.values()]
+    folders = [*own, *(v for v in elsewhere if "://" not in v)]
     patterns = hub_patterns(folders, config.variant, config.allow_pickle)
     fs, root = open_source(config.source, config.storage_options, allow_patterns=patterns)
     index = _read_index(SourceReader(fs, root, config.sha256), config.source)
     loaded: dict[str, ComponentWeights] = {}
     for name in components:
+        if name in replaced:
+            loaded[name] = _load_override(fs, root, name, replaced[name], config)
+            continue
         library, class_name = _index_entry(index, name, config.source)
         if class_name is not None:
             loaded[name] = load_component(fs, root, name, config, library, class_name)
@@ -149,22 +126,9 @@ def _index_entry(index: dict[str, Any], name: str, source: str) -> tuple[str | N
 def _load_extra(
     fs: fsspec.AbstractFileSystem, root: str, name: str, value: str, config: ModelConfig
 ) -> ComponentWeights | None:
-    """A subfolder of the source if one is named `value`, else `value` as a source of its own."""
-    local = "://" not in value and not value.startswith("/")
-    if local and SourceReader(fs, root, {}).is_folder(value):
-        return load_component(fs, root, name, config, subfolder=value)
+    """`_load_elsewhere`, or None (logged) when there is nothing there."""
     try:
-        extra_fs, extra_root = open_source(
-            value,
-            _options_for(value, config),
-            allow_patterns=[
-                *hub_patterns([""], config.variant, config.allow_pickle),
-                *hub_patterns([""], None, config.allow_pickle),
-            ],
-        )
-        return load_component(
-            extra_fs, extra_root, name, config, subfolder="", key_prefix=f"{name}/"
-        )
+        return _load_elsewhere(fs, root, name, value, config)
     except ModelLoadError as exc:
         if exc.code not in _MISSING_CODES:
             raise
@@ -172,10 +136,37 @@ def _load_extra(
         return None
 
 
-def _options_for(source: str, config: ModelConfig) -> dict[str, Any] | None:
-    """The model's storage_options, for another source of the same kind (the same bucket's
-    endpoint and credentials); none for a source of another kind."""
-    return config.storage_options if source_kind(source) == source_kind(config.source) else None
+def _load_override(
+    fs: fsspec.AbstractFileSystem, root: str, name: str, value: str, config: ModelConfig
+) -> ComponentWeights:
+    """`_load_elsewhere` for a component configured to replace the checkpoint's: required."""
+    try:
+        return _load_elsewhere(fs, root, name, value, config)
+    except ModelLoadError as exc:
+        raise ModelLoadError(
+            f"{name} of model {config.id!r} is {value!r} (a subfolder of {config.source} or "
+            f"another source), which could not be loaded: {exc.message}",
+            code=exc.code,
+        ) from None
+
+
+def _load_elsewhere(
+    fs: fsspec.AbstractFileSystem, root: str, name: str, value: str, config: ModelConfig
+) -> ComponentWeights:
+    """A subfolder of the source if one is named `value`, else `value` as a source of its own
+    (checked under `name/...`, as if it were that subfolder)."""
+    local = "://" not in value and not value.startswith("/")
+    if local and SourceReader(fs, root, {}).is_folder(value):
+        return load_component(fs, root, name, config, subfolder=value)
+    other_fs, other_root = open_source(
+        value,
+        options_for(value, config.source, config.storage_options),
+        allow_patterns=[
+            *hub_patterns([""], config.variant, config.allow_pickle),
+            *hub_patterns([""], None, config.allow_pickle),
+        ],
+    )
+    return load_component(other_fs, other_root, name, config, subfolder="", key_prefix=f"{name}/")
 
 
 def load_component(
@@ -193,7 +184,8 @@ def load_component(
     """Read one component from `root/subfolder` (default subfolder: `name`; "" is the root).
 
     Library and class default to what the component's own config or tokenizer config says.
-    A `reader` given is used (and keeps what it verified), else one over `root` is made.
+    A `reader` given is used (and keeps what it verified), else one over `root` is made. The
+    component keeps the digests of the files read for it since the reader's last `take_digests`.
     """
     folder = name if subfolder is None else subfolder
     reader = reader or SourceReader(fs, root, config.sha256, key_prefix)
@@ -213,6 +205,7 @@ def load_component(
     else:
         component = _load_weights(reader, name, folder, files, config, library, class_name)
     reader.check_all_verified(folder)
+    component.files_sha256 = reader.take_digests()
     return component
 
 
@@ -351,11 +344,14 @@ def _join(folder: str, filename: str) -> str:
 
 
 def load_suite(config: ModelConfig) -> ModelWeights:
-    """Everything `config` names: its SDXL components, its preview decoder (left out if absent)
-    and its IP-Adapter (required once configured)."""
-    extra = {"taesd": config.preview_decoder} if config.preview_decoder else None
-    weights = load_model(config, extra=extra)
+    """Everything `config` names: its SDXL components (with its VAE, if it names one), its
+    preview decoder (left out if absent), its IP-Adapter and its LoRAs (both required once
+    configured; LoRAs as `lora:<id>` components, see `shared.weights.loras`)."""
+    weights = load_model(
+        config, extra={"taesd": config.preview_decoder}, overrides={"vae": config.vae}
+    )
     weights.components.update(load_ip_adapter(config))
+    weights.components.update(load_loras(config))
     return weights
 
 
@@ -376,7 +372,7 @@ def load_ip_adapter(config: ModelConfig) -> dict[str, ComponentWeights]:
         parse = _adapter_parser(weight_name, config)
         fs, root = open_source(
             adapter.source,
-            _options_for(adapter.source, config),
+            options_for(adapter.source, config.source, config.storage_options),
             allow_patterns=ip_adapter_hub_patterns(config),
         )
         reader = SourceReader(fs, root, config.sha256, IP_ADAPTER_KEY_PREFIX)
@@ -386,6 +382,7 @@ def load_ip_adapter(config: ModelConfig) -> dict[str, ComponentWeights]:
         tensors = parse(reader.read(weight_name), reader.url(weight_name))
         _check_adapter_keys(tensors, reader.url(weight_name))
         reader.check_all_verified("")
+        digests = reader.take_digests()
     except ModelLoadError as exc:
         raise ModelLoadError(
             f"IP-Adapter of model {config.id!r}: {exc.message}", code=exc.code
@@ -396,6 +393,7 @@ def load_ip_adapter(config: ModelConfig) -> dict[str, ComponentWeights]:
         "IPAdapter",
         {"source": adapter.source, "weight_name": weight_name},
         tensors,
+        files_sha256=digests,
     )
     return {"image_encoder": image_encoder, "ip_adapter": weights}
 

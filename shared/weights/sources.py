@@ -1,11 +1,12 @@
 """Model sources: where a model's files come from, and reading them with integrity checks.
 
-A source is a built-in name (`BUILTIN_PRESETS`: tiny SDXLs and an IP-Adapter), a local folder,
+A source is a built-in name (`BUILTIN_PRESETS`: tiny SDXLs, an IP-Adapter, LoRAs), a local folder,
 `s3://bucket/prefix` through s3fs, any other fsspec URL, or a Hugging Face repo id, whose files are
 downloaded first (only those the loader would read: see `hub_patterns`). `open_source` turns a
 source into a filesystem and a root folder; `SourceReader` reads files under that root, each once,
-verifying the sha256 digests configured for them. Failures are `ModelLoadError`s with a stable code
-and never echo credentials.
+hashing each file's bytes as it reads them (sha256: the digests components keep) and checking them
+against the digests configured. Failures are `ModelLoadError`s with a stable code and never echo
+credentials.
 s3fs and huggingface_hub are imported only when a source needs them.
 """
 
@@ -177,14 +178,24 @@ def source_kind(source: str) -> str:
     return source.split("://", 1)[0] if "://" in source else "path_or_hub"
 
 
+def options_for(
+    source: str, model_source: str, storage_options: Mapping[str, Any]
+) -> Mapping[str, Any] | None:
+    """A model's storage_options, for another source of the same kind as the model's (the same
+    bucket's endpoint and credentials); none for a source of another kind."""
+    return storage_options if source_kind(source) == source_kind(model_source) else None
+
+
 # ---------------------------------------------------------------------------------------- reading
 
 
 class SourceReader:
-    """Reads files under one root, each once, verifying the sha256 digests configured for them.
+    """Reads files under one root, each once, hashing each as it is read and verifying the sha256
+    digests configured for them.
 
     `key_prefix` places the root inside the model's namespace for checksums: a preview decoder
-    fetched from its own source is checked under `taesd/...` as if it were a subfolder.
+    fetched from its own source is checked under `taesd/...` as if it were a subfolder. The
+    digests of the files read are kept under the same keys until `take_digests`.
     """
 
     def __init__(
@@ -197,6 +208,7 @@ class SourceReader:
         self.fs, self.root, self.key_prefix = fs, root.rstrip("/"), key_prefix
         self.sha256 = {_normalize(k): v.lower() for k, v in sha256.items()}
         self.verified: set[str] = set()
+        self._digests: dict[str, str] = {}
 
     def url(self, rel: str) -> str:
         """The full location of `rel`, for messages (never includes credentials)."""
@@ -234,6 +246,11 @@ class SourceReader:
             url = self.url(rel)
             raise ModelLoadError(f"{url} is not valid JSON: {exc}", code="corrupt_file") from None
 
+    def take_digests(self) -> dict[str, str]:
+        """{checksum key: sha256} of the files read since the last call."""
+        digests, self._digests = self._digests, {}
+        return digests
+
     def check_all_verified(self, folder: str) -> None:
         """A digest configured for a file the loader never read is a typo, not a pass."""
         prefix = _normalize(f"{self.key_prefix}{folder}") + "/"
@@ -247,11 +264,14 @@ class SourceReader:
             )
 
     def _verify(self, rel: str, data: bytes) -> None:
+        # Every file is hashed, configured or not (~1 GB/s): the bytes are in memory already,
+        # and a component's digests say exactly which weights a replica runs.
         key = _normalize(self.key_prefix + rel)
+        actual = hashlib.sha256(data).hexdigest()
+        self._digests[key] = actual
         expected = self.sha256.get(key)
         if expected is None:
             return
-        actual = hashlib.sha256(data).hexdigest()
         if actual != expected:
             raise ModelLoadError(
                 f"checksum mismatch for {key}: expected sha256 {expected}, got {actual}",

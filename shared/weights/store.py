@@ -12,7 +12,9 @@ deployment) and hands out the refs. It keeps, per model:
   every request;
 - a reload when a replica reports the current refs lost (`get(stale=...)`), once however many
   replicas report the same refs;
-- the checkpoint's own default image size (`defaults`).
+- the checkpoint's own default image size (`defaults`);
+- the sha256 of every file each component was read from (`digests`), kept beside the refs so
+  that answering needs no object-store access.
 
 Every call blocks (a load may take minutes) and is thread-safe. One state lock guards every
 entry's state, refs, holders, bytes and recency, and is never held while reading a source, storing
@@ -106,6 +108,7 @@ class CacheEntry(Generic[Ref]):
     refs: dict[str, Ref] = field(default_factory=dict)
     nbytes: int = 0
     defaults: dict[str, int] = field(default_factory=dict)
+    digests: dict[str, dict[str, str]] = field(default_factory=dict)
     error: ServeError | None = None
     last_used: int = 0  # the store's use counter at the last lease: orders LRU eviction
     failed_at: float = 0.0
@@ -135,8 +138,18 @@ class _Loaded(Generic[Ref]):
     refs: dict[str, Ref] = field(default_factory=dict)
     nbytes: int = 0
     defaults: dict[str, int] = field(default_factory=dict)
+    digests: dict[str, dict[str, str]] = field(default_factory=dict)
     seconds: float = 0.0
     error: ServeError | None = None
+
+
+@dataclass
+class _Lease(Generic[Ref]):
+    """What one `get` hands out: copies, so callers never share the entry's dicts."""
+
+    refs: dict[str, Ref]
+    defaults: dict[str, int]
+    digests: dict[str, dict[str, str]]
 
 
 class WeightStore(Generic[Ref]):
@@ -182,14 +195,18 @@ class WeightStore(Generic[Ref]):
         ones). `holder` names a replica that keeps the model in use until it calls `release`;
         the model is cached with `holder` among its holders when this returns.
         """
-        refs, _ = self._acquire(model_id, stale, holder)
-        return refs
+        return self._acquire(model_id, stale, holder).refs
 
     def defaults(self, model_id: str) -> dict[str, int]:
         """`{"width", "height"}` the checkpoint was trained for, or `{}` if its configs do not
         say. Loads the model if it is not cached; raises its error if it failed."""
-        _, defaults = self._acquire(model_id, (), None)
-        return defaults
+        return self._acquire(model_id, (), None).defaults
+
+    def digests(self, model_id: str) -> dict[str, dict[str, str]]:
+        """`{component: {file: sha256}}` of the cached weights, files keyed as `sha256:` keys
+        (relative to the model source). Loads the model if it is not cached (then the digests
+        are those of the weights replicas get from now on); raises its error if it failed."""
+        return self._acquire(model_id, (), None).digests
 
     def release(self, model_id: str, holder: str) -> None:
         """`holder` unloaded `model_id`: once nobody holds it, it may be evicted, which happens
@@ -206,9 +223,7 @@ class WeightStore(Generic[Ref]):
 
     # -------------------------------------------------------------------------------- leasing
 
-    def _acquire(
-        self, model_id: str, stale: Collection[str], holder: str | None
-    ) -> tuple[dict[str, Ref], dict[str, int]]:
+    def _acquire(self, model_id: str, stale: Collection[str], holder: str | None) -> _Lease[Ref]:
         entry = self._entry(model_id)
         with entry.load_lock:
             with self._lock:
@@ -220,6 +235,7 @@ class WeightStore(Generic[Ref]):
                 if failure is not None:
                     raise _fresh(failure)
                 entry.state, entry.error, entry.refs, entry.nbytes = "loading", None, {}, 0
+                entry.digests = {}
                 entry.loads += 1
             loaded = self._read(entry.model)  # minutes, perhaps: other models stay served
             with self._lock:
@@ -232,15 +248,14 @@ class WeightStore(Generic[Ref]):
         self._evict(keep=model_id)
         return result
 
-    def _lease(
-        self, entry: CacheEntry[Ref], holder: str | None
-    ) -> tuple[dict[str, Ref], dict[str, int]]:
+    def _lease(self, entry: CacheEntry[Ref], holder: str | None) -> _Lease[Ref]:
         """Call with the state lock held."""
         self._uses += 1
         entry.last_used = self._uses
         if holder is not None:
             entry.holders.add(holder)
-        return dict(entry.refs), dict(entry.defaults)
+        digests = {name: dict(files) for name, files in entry.digests.items()}
+        return _Lease(dict(entry.refs), dict(entry.defaults), digests)
 
     def _recent_failure(self, entry: CacheEntry[Ref]) -> ServeError | None:
         """The error of a load that failed less than `retry_failed_after_s` ago: a broken source
@@ -272,7 +287,9 @@ class WeightStore(Generic[Ref]):
             logger.exception("unexpected error loading model %s", model.id)
             message = f"model {model.id!r} could not be loaded: {type(exc).__name__}: {exc}"
             return _Loaded(error=ModelLoadError(message))
-        return _Loaded(refs, weights.nbytes, default_size(weights), self._clock() - started)
+        return _Loaded(
+            refs, weights.nbytes, default_size(weights), weights.digests, self._clock() - started
+        )
 
     def _record(self, entry: CacheEntry[Ref], loaded: _Loaded[Ref]) -> None:
         """Call with the state lock held."""
@@ -284,6 +301,7 @@ class WeightStore(Generic[Ref]):
             return
         entry.state, entry.refs, entry.nbytes = "cached", loaded.refs, loaded.nbytes
         entry.defaults, entry.load_seconds = loaded.defaults, loaded.seconds
+        entry.digests = loaded.digests
         self._observer.loaded(model_id, loaded.seconds)
         self._observer.stored(self._cached_bytes())
         logger.info(
@@ -322,6 +340,7 @@ class WeightStore(Generic[Ref]):
             if entry.model.id != keep and not entry.holders:
                 logger.info("evicting model %s from the object store", entry.model.id)
                 entry.state, entry.refs, entry.nbytes = "not_loaded", {}, 0
+                entry.digests = {}
         if self._cached_bytes() > capacity:
             logger.warning(
                 "model cache over capacity (%d of %d bytes): every other model is in use",

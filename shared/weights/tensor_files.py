@@ -56,6 +56,27 @@ def parse_safetensors(data: bytes, name: str) -> dict[str, TensorBlob]:
     data_offsets}}, then the data the offsets point into.
     """
     buffer = np.frombuffer(data, dtype=np.uint8)
+    header, start = _header(buffer, name)
+    header.pop("__metadata__", None)
+    body = buffer[start:]
+    needed = max((_offsets(info, name)[1] for info in header.values()), default=0)
+    if body.size < needed:
+        raise _truncated(name, start + needed, buffer.size)
+    return {key: _blob(body, key, info, name) for key, info in header.items()}
+
+
+def safetensors_metadata(data: bytes, name: str) -> dict[str, str]:
+    """The free-form `__metadata__` of a safetensors file's header (string to string), e.g. the
+    LoRA config diffusers saves under `lora_adapter_metadata`; {} when it has none."""
+    header, _ = _header(np.frombuffer(data, dtype=np.uint8), name)
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise ModelLoadError(f"{name} has a malformed header", code="corrupt_file")
+    return {str(k): str(v) for k, v in metadata.items()}
+
+
+def _header(buffer: np.ndarray, name: str) -> tuple[dict[str, Any], int]:
+    """The parsed JSON header and where the data starts."""
     if buffer.size < 8:
         raise _truncated(name, 8, buffer.size)
     (header_len,) = struct.unpack("<Q", buffer[:8].tobytes())
@@ -68,12 +89,9 @@ def parse_safetensors(data: bytes, name: str) -> dict[str, TensorBlob]:
         header = json.loads(buffer[8:start].tobytes())
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise ModelLoadError(f"{name} is not a safetensors file", code="corrupt_file") from None
-    header.pop("__metadata__", None)
-    body = buffer[start:]
-    needed = max((_offsets(info, name)[1] for info in header.values()), default=0)
-    if body.size < needed:
-        raise _truncated(name, start + needed, buffer.size)
-    return {key: _blob(body, key, info, name) for key, info in header.items()}
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{name} is not a safetensors file", code="corrupt_file")
+    return header, start
 
 
 def _offsets(info: Any, name: str) -> tuple[int, int]:

@@ -154,7 +154,9 @@ def test_unknown_route_uses_the_envelope(client: httpx.Client) -> None:
 def test_models_health_and_readiness(client: httpx.Client) -> None:
     models = client.get("/v1/models").json()
     assert models["object"] == "list"
-    (tiny,) = models["data"]
+    by_id = {card["id"]: card for card in models["data"]}
+    assert set(by_id) == {"tiny", "tiny-inpaint"}
+    tiny = by_id["tiny"]
     assert tiny["id"] == "tiny" and tiny["backend"] == "local" and tiny["loaded"] is True
     assert tiny["state"]["state"] == "cached" and tiny["state"]["bytes"] > 1_000_000
     assert client.get("/healthz").json() == {"status": "ok"}

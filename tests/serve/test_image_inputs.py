@@ -54,6 +54,18 @@ def post(client: httpx.Client, body: dict[str, Any], job_id: str | None = None) 
     return response.json()
 
 
+def concurrently_as_alone(client: httpx.Client, bodies: list[dict[str, Any]]) -> list[str]:
+    """Send `bodies` one by one, then all at once; assert each concurrent result has the pixels
+    of its lone run, and return the concurrent requests' ids (for their job stats)."""
+    alone = [image_pixels(post(client, body)) for body in bodies]
+    ids = [f"together-{uuid.uuid4().hex[:8]}" for _ in bodies]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        together = list(pool.map(lambda pair: post(client, *pair), zip(bodies, ids, strict=True)))
+    for expected, result in zip(alone, together, strict=True):
+        assert np.abs(image_pixels(result) - expected).max() <= 1
+    return ids
+
+
 def test_img2img_is_the_same_image_over_json_stream_and_handle(
     client: httpx.Client,
     app_url: str,
@@ -143,13 +155,7 @@ def test_mixed_image_requests_share_unet_calls_and_match_alone(client: httpx.Cli
         {**BASE, "seed": 24, "image_prompt": INIT},
         {**BASE, "seed": 25, "noise_mask": {"pattern": "edges"}},
     ]
-    bodies = [{**body, "steps": 20} for body in bodies]
-    alone = [image_pixels(post(client, body)) for body in bodies]
-    ids = [f"mixed-{uuid.uuid4().hex[:8]}" for _ in bodies]
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        together = list(pool.map(lambda pair: post(client, *pair), zip(bodies, ids, strict=True)))
-    for expected, result in zip(alone, together, strict=True):
-        assert np.abs(image_pixels(result) - expected).max() <= 1
+    ids = concurrently_as_alone(client, [{**body, "steps": 20} for body in bodies])
     shared = max(finished(job_id)["max_batch_requests"] for job_id in ids)
     assert shared >= 3, "image requests of one model and size share UNet calls"
 

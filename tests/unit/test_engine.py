@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -112,14 +113,17 @@ def diffusers_pixels(
     engine: SDXLEngine,
     tensors: dict[str, torch.Tensor],
     job: DenoiseJob,
+    **inputs: Any,
 ) -> np.ndarray:
-    """What plain diffusers returns for the job, as uint8 (its own numpy_to_pil rounding)."""
+    """What a diffusers pipeline returns for the job (and any further `inputs` of that
+    pipeline), as uint8 (its own numpy_to_pil rounding)."""
     original = pipe.scheduler
     if job.scheduler is not None:
         pipe.scheduler = build_scheduler(job.scheduler, engine.scheduler_config)
     try:
         images = pipe(
             **tensors,
+            **inputs,
             height=job.height,
             width=job.width,
             num_inference_steps=job.steps,

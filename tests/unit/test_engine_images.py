@@ -24,12 +24,11 @@ from shared.api.jobs import DenoiseJob, NoiseInjection, PromptEmbeddings
 from shared.config import ModelConfig
 from shared.engine.build import build_engine
 from shared.engine.image_inputs import pixels_to_tensor
-from shared.engine.samplers import build_scheduler
 from shared.engine.sdxl import SDXLEngine
 from shared.errors import InvalidRequestError
 from shared.weights.builtin import resolve_builtin
 from shared.weights.loader import load_suite
-from tests.unit.test_engine import pixels, run
+from tests.unit.test_engine import diffusers_pixels, pixels, run
 
 STEPS = 6
 PROMPT = "a photo of a red house in the forest"
@@ -88,20 +87,7 @@ class Model:
     def diffusers(self, kind: type, job: DenoiseJob, **inputs: object) -> np.ndarray:
         pipe = kind(**self.txt2img.components)
         pipe.set_progress_bar_config(disable=True)
-        if job.scheduler is not None:
-            pipe.scheduler = build_scheduler(job.scheduler, self.engine.scheduler_config)
-        images = pipe(
-            **self.tensors,
-            **inputs,
-            height=job.height,
-            width=job.width,
-            num_inference_steps=job.steps,
-            guidance_scale=job.guidance_scale,
-            num_images_per_prompt=len(job.seeds),
-            generator=[torch.Generator().manual_seed(seed) for seed in job.seeds],
-            output_type="np",
-        ).images
-        return (images * 255).round().astype(np.uint8)
+        return diffusers_pixels(pipe, self.engine, self.tensors, job, **inputs)
 
 
 @pytest.fixture(scope="module")
@@ -335,17 +321,9 @@ def test_image_prompt_equals_diffusers_ip_adapter_embeds(
     result, _ = run(engine, job)
     pipe.set_ip_adapter_scale(scale)
     positive = torch.tensor(job.image_embeds).reshape(1, 1, -1)
-    images = pipe(
-        **tiny.tensors,
-        ip_adapter_image_embeds=[torch.cat([torch.zeros_like(positive), positive])],
-        height=job.height,
-        width=job.width,
-        num_inference_steps=job.steps,
-        guidance_scale=job.guidance_scale,
-        generator=[torch.Generator().manual_seed(seed) for seed in job.seeds],
-        output_type="np",
-    ).images
-    _assert_equal(pixels(result), (images * 255).round().astype(np.uint8))
+    embeds = [torch.cat([torch.zeros_like(positive), positive])]
+    expected = diffusers_pixels(pipe, engine, tiny.tensors, job, ip_adapter_image_embeds=embeds)
+    _assert_equal(pixels(result), expected)
     plain, _ = run(engine, tiny.job)
     assert result.images[0].b64 != plain.images[0].b64
 

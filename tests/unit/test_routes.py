@@ -5,6 +5,7 @@ stream's final `error` event; and the OpenAPI document."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
@@ -16,6 +17,14 @@ import openai
 import pytest
 from PIL import Image
 
+from shared.api.capabilities import (
+    CapabilitiesResponse,
+    Estimate,
+    ValidateResponse,
+    build_capabilities,
+    peak_memory_bytes,
+    request_record,
+)
 from shared.api.embeddings import (
     EmbeddingsRequest,
     EmbeddingsResponse,
@@ -23,6 +32,7 @@ from shared.api.embeddings import (
     is_image_input,
 )
 from shared.api.noise_masks import NOISE_MASK_NAMES
+from shared.api.request_images import decode_images
 from shared.api.routes import build_api, noise_mask_list
 from shared.api.schemas import (
     EncodedImage,
@@ -32,10 +42,13 @@ from shared.api.schemas import (
     GenerateResponse,
     ModelCard,
     ResultEvent,
+    ResultMetadata,
+    SchedulerRecord,
     StepEvent,
     Timings,
 )
-from shared.config import LimitsConfig, OpenAIImagesConfig
+from shared.api.vocabulary import SAMPLERS, SCHEDULER_NAMES
+from shared.config import AppConfig, LimitsConfig, OpenAIImagesConfig
 from shared.errors import (
     BusyError,
     InvalidRequestError,
@@ -48,6 +61,33 @@ from shared.errors import (
 pytestmark = pytest.mark.anyio
 BODY = {"model": "tiny", "prompt": "a cat"}
 DIMENSION = 8
+CONFIG = AppConfig.model_validate(
+    {
+        "models": [
+            {
+                "id": "tiny",
+                "source": "tiny",
+                "ip_adapter": {"source": "tiny-ip-adapter"},
+                "loras": [{"id": "tiny-lora", "source": "tiny-lora"}],
+            },
+            {"id": "tiny-inpaint", "source": "tiny-inpaint", "preview_decoder": None},
+            {"id": "big", "source": "stabilityai/stable-diffusion-xl-base-1.0", "dtype": "float16"},
+        ],
+        "providers": [{"name": "cloud", "kind": "openai", "models": ["gpt-image-1"]}],
+        "batching": {"max_batch_images": 6},
+    }
+)
+RUNTIME = {"device": "cpu", "gpu_ids": [], "dtype": "float32", "vae_dtype": "float32"}
+# What the fake's replicas report: tiny and tiny-inpaint built, big not yet.
+RUNTIMES = {
+    "tiny": {**RUNTIME, "built": True},
+    "tiny-inpaint": {**RUNTIME, "built": True},
+    "big": {**RUNTIME, "dtype": "float16", "built": False},
+}
+ENGINES = {
+    "tiny": {"inpainting_unet": False, "tiny_preview": True},
+    "tiny-inpaint": {"inpainting_unet": True, "tiny_preview": False},
+}
 
 
 @pytest.fixture
@@ -109,6 +149,17 @@ class FakeBackend:
             yield _result(request_id)
         finally:
             self.closed_streams += 1
+
+    async def validate_request(self, request: GenerateRequest, request_id: str) -> ValidateResponse:
+        self.requests.append(request)
+        self._called("validate", request_id)
+        resolved = request.model_copy(update={"steps": request.steps or 8, "seed": 7})
+        estimate = Estimate(queue_ms=0.0, run_ms=80.0, peak_memory_bytes=1000)
+        return ValidateResponse(request=resolved.model_dump(mode="json"), estimate=estimate)
+
+    async def capabilities(self) -> CapabilitiesResponse:
+        self._maybe_fail()
+        return build_capabilities(CONFIG, RUNTIMES, ENGINES, {"big": (1024, 1024)})
 
     async def create_embeddings(
         self, request: EmbeddingsRequest, request_id: str
@@ -174,6 +225,8 @@ def assert_envelope(response: httpx.Response, status: int, type_: str, code: str
 ROUTES = {
     "generate": ("POST", "/v1/generate", BODY),
     "generate-stream": ("POST", "/v1/generate", {**BODY, "stream": True}),
+    "validate": ("POST", "/v1/generate/validate", BODY),
+    "capabilities": ("GET", "/v1/capabilities", None),
     "models": ("GET", "/v1/models", None),
     "readyz": ("GET", "/readyz", None),
 }
@@ -204,7 +257,7 @@ async def test_every_route_maps_every_failure_onto_the_envelope(
         assert error["message"] == "internal error (request id r-42)"
     if status == 429:
         assert int(response.headers["retry-after"]) >= 1
-    if path == "/v1/generate":
+    if path.startswith("/v1/generate"):
         assert backend.seen and all(rid == "r-42" for _, rid in backend.seen)
 
 
@@ -523,3 +576,206 @@ async def test_the_openai_sdk_creates_embeddings() -> None:
     with pytest.raises(openai.BadRequestError) as refused:
         await sdk.embeddings.create(model="tiny", input="a cat", dimensions=3)
     assert refused.value.code == "unsupported_dimensions"
+
+
+# ---- capabilities, schedulers, validation and result metadata ----------------------------------
+
+
+async def test_capabilities_list_what_each_model_takes(ok: Any) -> None:
+    _, client = ok
+    response = await client.get("/v1/capabilities")
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    models = {model["id"]: model for model in answer["models"]}
+    assert list(models) == ["tiny", "tiny-inpaint", "big"]
+    tiny, inpaint, big = models["tiny"], models["tiny-inpaint"], models["big"]
+    assert tiny["tasks"] == {
+        "txt2img": True,
+        "img2img": True,
+        "inpaint": True,
+        "inpainting_unet": False,
+        "start_image": True,
+        "noise_mask": True,
+        "image_prompt": True,
+    }
+    assert (inpaint["tasks"]["inpainting_unet"], inpaint["tasks"]["image_prompt"]) == (True, False)
+    assert big["tasks"]["inpainting_unet"] is None  # no replica has built it yet
+    assert tiny["samplers"] == list(SCHEDULER_NAMES) and tiny["default_sampler"] is None
+    assert tiny["preview_kinds"] == ["none", "latent", "tiny", "full"]
+    assert inpaint["preview_kinds"] == ["none", "latent", "full"]  # no preview decoder
+    assert (tiny["loras"], inpaint["loras"]) == (["tiny-lora"], [])
+    assert (tiny["controlnets"], tiny["refiner"]) == ([], None)
+    assert (tiny["default_width"], tiny["default_steps"]) == (None, 30)
+    assert (big["default_width"], big["default_height"]) == (1024, 1024)  # the checkpoint's
+    assert tiny["runtime"] == RUNTIMES["tiny"]
+    assert big["runtime"]["dtype"] == "float16" and big["runtime"]["built"] is False
+    assert answer["provider_models"] == [
+        {
+            "id": "cloud/gpt-image-1",
+            "backend": "cloud",
+            "kind": "openai",
+            "tasks": ["txt2img"],
+            "refuses": ["init_image", "mask", "start_image", "image_prompt", "noise_mask"],
+        }
+    ]
+    assert answer["limits"] == CONFIG.limits.model_dump()
+    assert answer["batching"]["max_batch_images"] == 6
+
+
+def test_a_configured_preview_decoder_the_engine_lacks_is_not_advertised() -> None:
+    engines = {**ENGINES, "tiny": {"inpainting_unet": False, "tiny_preview": False}}
+    table = build_capabilities(CONFIG, RUNTIMES, engines, {})
+    assert "tiny" not in table.models[0].preview_kinds
+    assert table.models[2].default_width is None  # the checkpoint's size is not known yet
+
+
+async def test_schedulers_list_each_sampler_with_its_diffusers_class(ok: Any) -> None:
+    _, client = ok
+    listing = (await client.get("/v1/schedulers")).json()
+    assert listing["object"] == "list"
+    assert [entry["name"] for entry in listing["data"]] == list(SCHEDULER_NAMES)
+    for entry in listing["data"]:
+        assert (entry["class_name"], entry["options"]) == SAMPLERS[entry["name"]]
+    karras = next(e for e in listing["data"] if e["name"] == "dpmpp_2m_karras")
+    assert karras == {
+        "name": "dpmpp_2m_karras",
+        "class_name": "DPMSolverMultistepScheduler",
+        "options": {"use_karras_sigmas": True},
+    }
+
+
+async def test_validate_answers_the_resolved_request_and_its_estimate(ok: Any) -> None:
+    backend, client = ok
+    response = await client.post("/v1/generate/validate", json={**BODY, "n": 2})
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert set(answer) == {"request", "images", "estimate"}
+    assert answer["request"]["steps"] == 8 and answer["request"]["n"] == 2
+    assert answer["estimate"] == {"queue_ms": 0.0, "run_ms": 80.0, "peak_memory_bytes": 1000}
+    assert [method for method, _ in backend.seen] == ["validate"]  # nothing generated
+
+
+INTAKE_REFUSALS = {
+    "unknown-field": ({**BODY, "colour": "red"}, 422, "unknown_field", "colour"),
+    "scheduler": ({**BODY, "scheduler": "warp"}, 422, "unknown_scheduler", "scheduler"),
+    "missing-prompt": ({"model": "tiny"}, 422, "missing_field", "prompt"),
+    "conflict": ({**BODY, "mask": "x"}, 422, "invalid_value", "mask"),
+    "too-large": ({**BODY, "prompt": "x" * 5000}, 413, "body_too_large", None),
+}
+
+
+@pytest.mark.parametrize("refusal", INTAKE_REFUSALS.values(), ids=INTAKE_REFUSALS.keys())
+async def test_validate_refuses_what_generate_refuses_alike(
+    ok: Any, refusal: tuple[dict[str, Any], int, str, str | None]
+) -> None:
+    backend, client = ok
+    body, status, code, param = refusal
+    answers = [
+        await client.post(path, json=body) for path in ("/v1/generate", "/v1/generate/validate")
+    ]
+    errors = [assert_envelope(answer, status, "invalid_request_error", code) for answer in answers]
+    assert errors[0] == errors[1] and errors[0]["param"] == param
+    assert backend.seen == []
+
+
+def test_peak_memory_grows_with_size_rows_and_weights() -> None:
+    def peak(**changes: Any) -> int:
+        base = {"weights_bytes": 10**9, "n": 1, "guidance_scale": 5.0, "width": 512}
+        args = {**base, "height": 512, "dtype": "float16", **changes}
+        return peak_memory_bytes(**args)
+
+    sides = [peak(width=side, height=side) for side in (64, 256, 512, 1024, 2048)]
+    assert sides == sorted(sides) and len(set(sides)) == len(sides)
+    counts = [peak(n=n) for n in (1, 2, 3, 4)]
+    assert counts == sorted(counts) and len(set(counts)) == len(counts)
+    activations = peak() - 10**9
+    assert peak(n=2) - 10**9 == 2 * activations  # proportional to rows...
+    assert peak(guidance_scale=1.0) - 10**9 == activations // 2  # ...which guidance doubles
+    assert peak(width=1024, height=1024) - 10**9 == 4 * activations  # ...and to latent pixels
+    assert peak(dtype="float32") - 10**9 == 2 * activations
+    assert peak(weights_bytes=2 * 10**9) - peak() == 10**9
+    # SDXL at 1024x1024 with guidance: the activations are a few GB, on top of the weights.
+    assert 2 * 10**9 < peak(width=1024, height=1024, weights_bytes=0) < 6 * 10**9
+
+
+def _png(colour: tuple[int, int, int], size: tuple[int, int] = (16, 8)) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_a_request_record_keeps_digests_not_image_bytes() -> None:
+    init, mask = _png((10, 20, 30)), _png((255, 255, 255))
+    request = GenerateRequest.model_validate(
+        {
+            **BODY,
+            "init_image": init,
+            "mask": "data:image/png;base64," + mask,
+            "noise_mask": {"image": mask, "strength": 0.3},
+        }
+    )
+    images = decode_images(request, LimitsConfig())
+    record = request_record(request, images)
+    fields = record.request
+    assert fields["init_image"] is None and fields["mask"] is None
+    assert fields["noise_mask"] == {**request.noise_mask.model_dump(), "image": None}  # type: ignore[union-attr]
+    assert fields["prompt"] == "a cat" and init not in json.dumps(fields)
+    assert set(record.images) == {"init_image", "mask", "noise_mask.image"}
+    expected = hashlib.sha256(Image.new("RGB", (16, 8), (10, 20, 30)).tobytes()).hexdigest()
+    assert record.images["init_image"].model_dump() == {
+        "sha256": expected,
+        "width": 16,
+        "height": 8,
+    }
+    # The same pixels, however they were sent, have the same digest.
+    assert record.images["mask"] == record.images["noise_mask.image"]
+    assert (
+        request_record(
+            GenerateRequest(**BODY), decode_images(GenerateRequest(**BODY), LimitsConfig())
+        ).images
+        == {}
+    )
+
+
+def test_result_metadata_survives_the_response_and_is_small() -> None:
+    metadata = ResultMetadata(
+        request={**BODY, "seed": 3, "init_image": None},
+        components={"unet": {"diffusion_pytorch_model.safetensors": "ab" * 32}},
+        scheduler=SchedulerRecord(
+            class_name="DPMSolverMultistepScheduler",
+            config={"beta_end": 0.012, "lambda_min_clipped": float("-inf"), "x": [float("nan")]},
+        ),
+        versions={"torch": "2", "diffusion_serve": "0.1.0"},
+    )
+    result = _result("r-1")
+    result.metadata = metadata
+    response = result.to_response()
+    assert response.metadata == metadata
+    # Strict JSON (our responses' encoding) has no infinities: diffusers' -inf is spelled out.
+    config = response.model_dump()["metadata"]["scheduler"]["config"]
+    assert config == {"beta_end": 0.012, "lambda_min_clipped": "-Infinity", "x": ["NaN"]}
+    assert float(config["lambda_min_clipped"]) == float("-inf")
+    assert len(json.dumps(response.model_dump()["metadata"], allow_nan=False)) < 1000
+    assert GenerateResponse.model_validate(json.loads(response.model_dump_json())) == response
+    assert _result("r-2").to_response().metadata is None  # a provider's result carries none
+
+
+async def test_openapi_documents_the_pre_flight_routes(ok: Any) -> None:
+    _, client = ok
+    document = (await client.get("/openapi.json")).json()
+    paths = document["paths"]
+    validate = paths["/v1/generate/validate"]["post"]
+    assert validate["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/GenerateRequest"
+    }
+    for path, method, name in (
+        ("/v1/generate/validate", "post", "ValidateResponse"),
+        ("/v1/capabilities", "get", "CapabilitiesResponse"),
+        ("/v1/schedulers", "get", "SchedulerList"),
+    ):
+        answer = paths[path][method]["responses"]["200"]["content"]["application/json"]
+        assert answer["schema"] == {"$ref": f"#/components/schemas/{name}"}, path
+    schemas = document["components"]["schemas"]
+    assert {"Estimate", "ImageDigest", "LocalModelCapabilities", "ResultMetadata"} <= set(schemas)
+    assert "metadata" in schemas["GenerateResponse"]["properties"]
+    assert "peak_memory_bytes" in schemas["Estimate"]["properties"]

@@ -44,8 +44,11 @@ class FakeRef:
         return f"{self.serial:032x}"
 
 
-def weights(model_id: str, nbytes: int, unet: dict[str, Any] | None = None) -> ModelWeights:
-    """A three-component model of `nbytes` (all in the UNet), trained at 128 px by default."""
+def weights(
+    model_id: str, nbytes: int, unet: dict[str, Any] | None = None, load: int = 1
+) -> ModelWeights:
+    """A three-component model of `nbytes` (all in the UNet), trained at 128 px by default; its
+    files' digests say which `load` of the model read them."""
     blob = TensorBlob(data=np.zeros(nbytes, np.uint8), dtype="U8", shape=(nbytes,))
     unet_config = {"_name_or_path": model_id, "sample_size": 16} if unet is None else unet
     vae_config = {"_name_or_path": model_id, "block_out_channels": [8, 16, 16, 16]}
@@ -53,7 +56,12 @@ def weights(model_id: str, nbytes: int, unet: dict[str, Any] | None = None) -> M
         source=model_id,
         components={
             "unet": ComponentWeights(
-                "unet", "diffusers", "UNet2DConditionModel", unet_config, tensors={"w": blob}
+                "unet",
+                "diffusers",
+                "UNet2DConditionModel",
+                unet_config,
+                tensors={"w": blob},
+                files_sha256={"unet/config.json": f"{load:064x}", "unet/w.safetensors": "ab" * 32},
             ),
             "vae": ComponentWeights("vae", "diffusers", "AutoencoderKL", vae_config),
             "scheduler": ComponentWeights(
@@ -83,12 +91,13 @@ class Backend:
             self.loads[model.id] += 1
             pending = self.failures.get(model.id)
             failure = pending.pop(0) if pending else None
+            load = self.loads[model.id]
         self.loading.set()
         if model.id in self.gates:
             assert self.gates[model.id].wait(10), "the test never opened the gate"
         if failure is not None:
             raise failure
-        return weights(model.id, self.nbytes)
+        return weights(model.id, self.nbytes, load=load)
 
     def put(self, component: ComponentWeights) -> FakeRef:
         model_id = component.config["_name_or_path"]
@@ -408,6 +417,42 @@ def test_defaults_fall_back_to_none_when_the_configs_do_not_say() -> None:
     store = make_store(Backend(), load=lambda m: weights(m.id, 10, unet={"_name_or_path": m.id}))
     assert store.defaults("a") == {}
     assert store.describe()["a"]["state"] == "cached"
+
+
+def test_digests_come_from_the_store_and_follow_reloads() -> None:
+    backend = Backend()
+    store = make_store(backend, retry_failed_after_s=30)
+    refs = store.get("a", holder="r0")
+    first = store.digests("a")
+    assert first == {
+        "unet": {"unet/config.json": f"{1:064x}", "unet/w.safetensors": "ab" * 32},
+        "vae": {},
+        "scheduler": {},
+    }
+    first["unet"].clear()  # a copy: callers cannot change the store's record
+    assert store.digests("a")["unet"]["unet/config.json"] == f"{1:064x}"
+    assert (backend.loads["a"], backend.puts["a"]) == (1, 3)  # answered without touching refs
+
+    store.get("a", stale=[ref.hex() for ref in refs.values()])  # reloaded: new files' digests
+    assert store.digests("a")["unet"]["unet/config.json"] == f"{2:064x}"
+    assert store.digests("b")["unet"]["unet/config.json"] == f"{1:064x}"  # loads, like defaults
+    assert backend.loads == Counter({"a": 2, "b": 1})
+
+    backend.failures["c"] = [ModelLoadError("bad checksum", code="checksum_mismatch")]
+    with pytest.raises(ModelLoadError) as failed:
+        store.digests("c")
+    assert failed.value.code == "checksum_mismatch"
+    with pytest.raises(NotFoundError):
+        store.digests("nope")
+
+
+def test_an_evicted_model_reports_the_digests_of_its_reload() -> None:
+    backend = Backend(nbytes=60 * MB)
+    store = make_store(backend, capacity_bytes=100 * MB)
+    store.get("a")
+    store.get("b")  # over capacity: `a` (unheld, least recently used) is evicted
+    assert states(store)["a"] == ("not_loaded", 0)
+    assert store.digests("a")["unet"]["unet/config.json"] == f"{2:064x}"
 
 
 @pytest.mark.parametrize(

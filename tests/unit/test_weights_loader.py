@@ -1,5 +1,5 @@
 """Model loading (shared/ weights, sources, tensor_files, modules): sources, safetensors
-parsing, integrity checks and zero-copy module builds.
+parsing, integrity checks, each file's digest, VAE overrides and zero-copy module builds.
 
 No Ray: pickling a component stands in for the object store. S3 runs against a real S3-protocol
 server on loopback (moto), whose request log shows how many times each object was fetched.
@@ -384,6 +384,83 @@ def test_sha256_verified_and_mismatch_named(tiny_model_dir: Path) -> None:
     assert error.code == "checksum_unverified" and "fp16" in error.message
 
 
+# ------------------------------------------------------------------------------ digests
+
+
+def test_every_file_read_for_a_component_has_its_sha256(
+    tiny_weights: Any, tiny_model_dir: Path
+) -> None:
+    digests = tiny_weights.digests
+    assert set(digests) == set(tiny_weights.components)
+    assert set(digests["unet"]) == {"unet/config.json", "unet/diffusion_pytorch_model.safetensors"}
+    assert set(digests["scheduler"]) == {"scheduler/scheduler_config.json"}
+    tokenizer_files = {f"tokenizer/{f.name}" for f in (tiny_model_dir / "tokenizer").iterdir()}
+    assert set(digests["tokenizer"]) == tokenizer_files
+    for files in digests.values():
+        for rel, digest in files.items():
+            assert digest == hashlib.sha256((tiny_model_dir / rel).read_bytes()).hexdigest()
+    # Keyed as `sha256:` keys: pinning a model is pasting its digests there.
+    pinned = {rel: d for files in digests.values() for rel, d in files.items()}
+    assert load_model(_config(sha256=pinned), extra={"taesd": "taesd"}).digests == digests
+
+
+def test_the_digests_of_another_source_are_under_the_component_name(
+    tiny_model_dir: Path,
+) -> None:
+    weights = load_model(
+        _config(), components=("scheduler",), extra={"preview": str(tiny_model_dir / "taesd")}
+    )
+    digest = hashlib.sha256((tiny_model_dir / "taesd/config.json").read_bytes()).hexdigest()
+    assert weights.digests["preview"]["preview/config.json"] == digest
+
+
+# ------------------------------------------------------------------------------ VAE override
+
+
+def _vae_copy(tiny_model_dir: Path, folder: Path, scaling_factor: float) -> Path:
+    shutil.copytree(tiny_model_dir / "vae", folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "scaling_factor": scaling_factor}))
+    return folder
+
+
+def test_vae_from_another_source_replaces_the_checkpoints(
+    tiny_model_dir: Path, tiny_weights: Any, tmp_path: Path
+) -> None:
+    folder = _vae_copy(tiny_model_dir, tmp_path / "my-vae", 0.5)
+    weights = load_suite(_config(vae=str(folder)))
+    vae = weights.components["vae"]
+    assert vae.class_name == "AutoencoderKL" and vae.config["scaling_factor"] == 0.5
+    assert tiny_weights.components["vae"].config["scaling_factor"] == 0.13025
+    assert _same_tensors(vae, tiny_weights.components["vae"])
+    config_digest = hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()
+    assert vae.files_sha256["vae/config.json"] == config_digest  # the override's, not tiny's
+    assert build_module(vae).config.scaling_factor == 0.5
+
+
+def test_vae_from_a_subfolder_and_a_checkpoint_without_its_own(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model, ignore=shutil.ignore_patterns("vae"))
+    _vae_copy(tiny_model_dir, model / "vae_fix", 0.25)
+    weights = load_suite(_config(source=str(model), vae="vae_fix"))
+    vae = weights.components["vae"]
+    assert vae.config["scaling_factor"] == 0.25
+    assert set(vae.files_sha256) == {"vae_fix/config.json", VAE_FILE.replace("vae/", "vae_fix/")}
+    error = _errors(lambda: load_suite(_config(source=str(model))))  # no vae/, no override
+    assert error.code == "missing_file" and "vae" in error.message
+
+
+def test_a_missing_vae_override_fails_the_load_naming_it(tmp_path: Path) -> None:
+    error = _errors(lambda: load_suite(_config(vae="no-such-vae")))
+    assert error.code == "model_not_found"
+    assert "vae of model 'm' is 'no-such-vae'" in error.message and "no-such-vae" in error.message
+    (tmp_path / "empty").mkdir()
+    error = _errors(lambda: load_suite(_config(vae=str(tmp_path / "empty"))))
+    assert error.code == "missing_file" and f"{tmp_path}/empty/config.json" in error.message
+
+
 # ------------------------------------------------------------------------------ sources
 
 
@@ -478,6 +555,7 @@ def test_s3_load_matches_local_and_reads_each_object_once(
         for key, blob in local.tensors.items():
             assert ours.tensors[key].dtype == blob.dtype
             assert np.array_equal(ours.tensors[key].data, blob.data), (name, key)
+    assert remote.digests == tiny_weights.digests  # hashed from the one read of each object
     gets = s3_server.object_gets(s3_tiny_url)
     assert len(gets) == len(set(gets)) == 16  # model_index + 15 component files, once each
 
