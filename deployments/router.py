@@ -434,14 +434,9 @@ class Router:
         model = self._model(request.model)
         resolved = await self._resolve(request, model)
         request = resolved.request
-        job, components = await asyncio.gather(
-            self._prepare_job(resolved, model, request_id, started),
-            self._cache.digests.remote(model.id),
-        )
+        job = await self._prepare_job(resolved, model, request_id, started)
         record = resolved.record
-        provenance = ResultMetadata(
-            request=record.request, images=record.images, components=components
-        )
+        provenance = ResultMetadata(request=record.request, images=record.images)
         if not streaming:  # nobody would see the previews, or the steps
             job.preview = "none"
             job.stream_steps = False
@@ -465,6 +460,10 @@ class Router:
             encode_ms = job.timings["encode_ms"]
             yield _finish(first, request.model, started, encode_ms, provenance)
             async for event in events:
+                if isinstance(event, ResultEvent):
+                    # Asked only now, while the replica holds the model: asking before could
+                    # load weights nobody holds, which the cache may evict again at once.
+                    provenance.components = await self._cache.digests.remote(model.id)
                 yield _finish(event, request.model, started, encode_ms, provenance)
         finally:
             events.cancel()

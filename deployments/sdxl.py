@@ -43,8 +43,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("ray.serve")
 RECENT_JOBS = 256
-MODELS_PER_REPLICA = 2  # models preloaded per replica
-# Multiplexed entries (a model, or a model + LoRA set) a replica holds; engines are per model.
+MODELS_PER_REPLICA = 2  # engines (models) built per replica at once
+# Multiplexed ids (a model, or a model + LoRA set) a replica advertises to Serve's routing.
 ENTRIES_PER_REPLICA = 8
 RELEASE_TIMEOUT_S = 2.0
 PipelineEvent = QueuedEvent | StepEvent | ResultEvent
@@ -60,10 +60,11 @@ _versions: dict[str, str] = {}  # read once per replica process
 
 
 class _Entry:
-    """What Serve's multiplexing keeps per multiplexed id: a model's shared engine."""
+    """What Serve's multiplexing keeps per multiplexed id: only its model's id (the engine is
+    the replica's, shared by every entry of the model)."""
 
-    def __init__(self, engine: SDXLEngine) -> None:
-        self.engine = engine
+    def __init__(self, model_id: str) -> None:
+        self.model_id = model_id
 
 
 class _EventSink:
@@ -166,9 +167,8 @@ class SDXLPipeline:
             on_batch=self._observe_batch,
         )
         self._jobs: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self._engines: dict[str, SDXLEngine] = {}  # built here, by model id
-        self._engine_locks: dict[str, asyncio.Lock] = {}
-        self._entries: dict[str, int] = {}  # multiplexed entries alive, by model id
+        self._engines: OrderedDict[str, SDXLEngine] = OrderedDict()  # built here, LRU order
+        self._engine_lock = asyncio.Lock()
         self._steps = metrics.Counter("sdxl_steps", description="Denoising steps executed.")
         self._outcomes = metrics.Counter(
             "sdxl_jobs", description="Finished jobs by outcome.", tag_keys=("outcome",)
@@ -195,32 +195,24 @@ class SDXLPipeline:
 
     @serve.multiplexed(max_num_models_per_replica=ENTRIES_PER_REPLICA)
     async def get_engine(self, entry_id: str) -> _Entry:
-        """The engine of a multiplexed id (a model, or a model plus a LoRA set): Serve routes
-        each id to a replica that holds it, so a LoRA set's requests meet where its adapters are
-        already loaded. All the entries of a model share its one engine; the model is released
-        when Serve has unloaded the last of them."""
-        model_id = base_model(entry_id)
-        engine = await self._engine(model_id)
-        self._entries[model_id] = self._entries.get(model_id, 0) + 1
-        entry = _Entry(engine)
-
-        async def unloaded() -> None:
-            self._entries[model_id] -= 1
-            if self._entries[model_id] == 0:
-                del self._entries[model_id]
-                await self._drop_engine(model_id)
-
-        # Serve calls a multiplexed model's `__del__` when it unloads it to make room for another.
-        entry.__del__ = unloaded  # type: ignore[attr-defined]
-        return entry
+        """Registers a multiplexed id (a model, or a model plus a LoRA set) with this replica, so
+        Serve routes that id's next requests here: a LoRA set's requests meet where its adapters
+        are already loaded. Entries own nothing; engines are per model (`_engine`)."""
+        return _Entry(base_model(entry_id))
 
     async def _engine(self, model_id: str) -> SDXLEngine:
-        async with self._engine_locks.setdefault(model_id, asyncio.Lock()):
+        """The model's engine, built on first use. At most MODELS_PER_REPLICA stay built: before
+        building another, the least recently used one is released (requests still running on it
+        finish on it), so the cache may evict its weights to make room for the new one."""
+        async with self._engine_lock:
             if model_id in self._engines:
+                self._engines.move_to_end(model_id)
                 return self._engines[model_id]
             model = self._config.model(model_id)
             if model is None:
                 raise GenerationError(f"model {model_id!r} is not served by this deployment")
+            while len(self._engines) >= MODELS_PER_REPLICA:
+                await self._drop_engine(next(iter(self._engines)))
             names = ENGINE_COMPONENTS + tuple(lora.component for lora in model.loras)
             components = await fetch_components(self._cache, model_id, names, _actor_name())
             fast_paths = self._config.engine.resolved(self._device)
@@ -246,7 +238,8 @@ class SDXLPipeline:
 
     async def stream(self, job: DenoiseJob) -> AsyncIterator[PipelineEvent]:
         """Run one job: a QueuedEvent, a StepEvent per step, finally the ResultEvent."""
-        engine = (await self.get_engine(multiplexed_id(job.model, job.loras))).engine
+        await self.get_engine(multiplexed_id(job.model, job.loras))  # routing affinity
+        engine = await self._engine(job.model)
         record = self._track(job.id)
         sink = _EventSink(asyncio.get_running_loop(), record, self._observe_step, job.stream_steps)
         self._batcher.submit(engine, job, sink)  # bad input raises here, before any event
@@ -328,7 +321,8 @@ class SDXLPipeline:
         preloaded = [m for m in self._config.models if m.preload][:MODELS_PER_REPLICA]
         for model in preloaded:
             try:
-                engine = (await self.get_engine(model.id)).engine
+                await self.get_engine(model.id)
+                engine = await self._engine(model.id)
                 size = await self._cache.defaults.remote(model.id)
                 width = model.default_width or size.get("width", 1024)
                 height = model.default_height or size.get("height", 1024)

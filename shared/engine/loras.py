@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
-from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 
 from shared.api.jobs import LoraSet
 from shared.errors import InvalidRequestError
@@ -75,6 +75,10 @@ class LoraAdapters:
                 continue
             self._evict(keep={i for i, _ in loras})
             started = time.perf_counter()
+            # Imported here: the pipeline module pulls in every text model diffusers knows, some
+            # tens of MB of private memory a replica that never loads a LoRA should not pay.
+            from diffusers import StableDiffusionXLPipeline
+
             state_dict, alphas = StableDiffusionXLPipeline.lora_state_dict(
                 self.sources[lora_id](), unet_config=self.unet.config
             )

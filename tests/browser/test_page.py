@@ -128,7 +128,7 @@ def test_cancel_stops_the_servers_loop(browser: Any, app_url: str) -> None:
     from selenium.webdriver.common.by import By
 
     open_page(browser, app_url)
-    fill(browser, prompt="a very long walk", width=512, height=512, steps=100, seed=4)
+    fill(browser, prompt="a very long walk", width=256, height=256, steps=100, seed=4)
     browser.find_element(By.ID, "start").click()
     # Generous: on a small CI machine this tier may share its two CPUs with the others.
     wait_for(lambda: "step 2 of" in text(browser, "status"), 120, "step 2")

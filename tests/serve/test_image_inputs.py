@@ -84,6 +84,23 @@ def test_img2img_is_the_same_image_over_json_stream_and_handle(
     assert not np.array_equal(image_pixels(via_json), image_pixels(plain))
 
 
+def test_every_image_input_through_the_handle_stream_equals_http(
+    client: httpx.Client,
+    handle_client: Any,  # noqa: F811
+) -> None:
+    bodies = {
+        "inpaint-9-channel": {**BASE, "model": "tiny-inpaint", "init_image": INIT, "mask": MASK},
+        "start-image": {**BASE, "start_image": INIT, "start_noise": 0.5},
+        "noise-mask": {**BASE, "noise_mask": {"pattern": "ring", "strength": 0.9}},
+        "image-prompt": {**BASE, "image_prompt": INIT, "image_prompt_scale": 0.5},
+    }
+    for name, body in bodies.items():
+        events = handle_client.streamed.remote(body).result(timeout_s=120)
+        assert [e["event"] for e in events] == ["queued"] + ["step"] * 6 + ["result"], name
+        over_http = post(client, body)
+        assert np.array_equal(image_pixels(events[-1]), image_pixels(over_http)), name
+
+
 def test_a_request_without_a_size_takes_its_images(client: httpx.Client) -> None:
     body = {**BASE, "init_image": png(picture(96, 72))}
     image = post(client, body)["images"][0]
