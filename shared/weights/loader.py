@@ -18,7 +18,6 @@ imported only to read pickle checkpoints, so the cache side stays light.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -38,7 +37,7 @@ from shared.weights.sources import (
     open_source,
     options_for,
 )
-from shared.weights.tensor_files import TensorBlob, parse_pickle, parse_safetensors
+from shared.weights.tensor_files import TensorBlob, load_pickle, parse_pickle, parse_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -440,13 +439,7 @@ def _parse_adapter_pickle(data: bytes, name: str) -> dict[str, TensorBlob]:
     import torch
     from safetensors.torch import save
 
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ModelLoadError(
-            f"{name} could not be loaded with torch.load(weights_only=True): {exc}",
-            code="corrupt_file",
-        ) from None
+    state = load_pickle(data, name)
     if not isinstance(state, dict):
         raise ModelLoadError(f"{name} does not hold a state dict", code="corrupt_file")
     flat = {

@@ -125,16 +125,23 @@ def _truncated(name: str, needed: int, size: int) -> ModelLoadError:
     )
 
 
-def parse_pickle(data: bytes, name: str) -> dict[str, TensorBlob]:
+def load_pickle(data: bytes, name: str) -> Any:
+    """A pickle checkpoint's object, through torch.load(weights_only=True) (no code runs)."""
     import torch
 
     try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ModelLoadError(
             f"{name} could not be loaded with torch.load(weights_only=True): {exc}",
             code="corrupt_file",
         ) from None
+
+
+def parse_pickle(data: bytes, name: str) -> dict[str, TensorBlob]:
+    import torch
+
+    state = load_pickle(data, name)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # Lightning-style .ckpt
     if not isinstance(state, dict):
