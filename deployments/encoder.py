@@ -26,14 +26,14 @@ from deployments.model_cache import fetch_components
 from shared.api.jobs import PromptEmbeddings
 from shared.config import AppConfig
 from shared.errors import InvalidRequestError
-from shared.weights.loader import TEXT_COMPONENTS
+from shared.weights.loader import REFINER_INDEX, TEXT_COMPONENTS
 
 if TYPE_CHECKING:
     from shared.engine.prompts import PromptEncoder
     from shared.engine.vision import ImageEncoder
 
 logger = logging.getLogger("ray.serve")
-EncodeKey = tuple[str, str, str | None]
+EncodeKey = tuple[str, str, str | None, bool | None]  # model, prompt, negative, force_zeros
 # LRU keys start with their kind ("prompt", "text", "image"), so no two kinds can collide.
 CacheKey = tuple[str | None, ...]
 # Run once through a preloaded model's vision encoder, to build and warm it.
@@ -46,6 +46,8 @@ class _Encoders:
 
     text: PromptEncoder
     image: ImageEncoder | None
+    # The refiner's rule for an empty negative (its model_index.json), None without a refiner.
+    refiner_zeros: bool | None = None
 
 
 def _check_pixels(pixels: Any, param: str) -> None:
@@ -110,13 +112,20 @@ class ClipEncoder:
         )
         await self._preload()
 
-    async def encode(self, model_id: str, prompt: str, negative: str | None) -> PromptEmbeddings:
-        """Embeddings for one prompt pair; raises InvalidRequestError for over-long prompts."""
-        key = ("prompt", model_id, prompt, negative)
+    async def encode(
+        self, model_id: str, prompt: str, negative: str | None, refiner: bool = False
+    ) -> PromptEmbeddings:
+        """Embeddings for one prompt pair; raises InvalidRequestError for over-long prompts.
+        `refiner`: as the model's refiner reads them, whose checkpoint may encode an empty
+        negative where the base zeroes it (SDXL refiner 1.0 does)."""
+        encoders = await self._models(model_id)
+        zeros = encoders.refiner_zeros if refiner else None
+        if zeros == encoders.text.force_zeros_for_empty_prompt:
+            zeros = None  # the base's own rule: the same embeddings, the same cache entry
+        key = ("prompt", model_id, prompt, negative, None if zeros is None else str(zeros))
         if (cached := self._recall(key)) is not None:
             return cached
-        await self._models(model_id)
-        embeddings = await self._encode_batch((model_id, prompt, negative))
+        embeddings = await self._encode_batch((model_id, prompt, negative, zeros))
         if isinstance(embeddings, InvalidRequestError):  # batches return errors per slot
             raise embeddings
         self._remember(key, embeddings)
@@ -208,9 +217,13 @@ class ClipEncoder:
     ) -> list[PromptEmbeddings | InvalidRequestError]:
         self._batch_sizes.observe(len(keys), tags={"kind": "prompt"})
         results: list[Any] = [None] * len(keys)
-        for model_id, indices in _by_model(keys).items():
+        groups: dict[tuple[str, bool | None], list[int]] = {}
+        for index, key in enumerate(keys):
+            groups.setdefault((key[0], key[3]), []).append(index)
+        for (model_id, zeros), indices in groups.items():
             pairs = [(keys[i][1], keys[i][2]) for i in indices]
-            encoded = await asyncio.to_thread(self._encoders[model_id].text.encode, pairs)
+            encode = self._encoders[model_id].text.encode
+            encoded = await asyncio.to_thread(encode, pairs, zeros)
             for index, embeddings in zip(indices, encoded, strict=True):
                 results[index] = embeddings
         return results
@@ -248,12 +261,19 @@ class ClipEncoder:
             return self._encoders[model_id]
         async with self._locks.setdefault(model_id, asyncio.Lock()):
             if model_id not in self._encoders:
-                components = await fetch_components(self._cache, model_id, TEXT_COMPONENTS)
+                names = (*TEXT_COMPONENTS, REFINER_INDEX)
+                components = await fetch_components(self._cache, model_id, names)
                 model = self._config.model(model_id)
                 dtype = model.dtype if model is not None else "float32"
                 text = await asyncio.to_thread(self._build, components, dtype, self._device)
                 image = await asyncio.to_thread(self._build_image, components, dtype, self._device)
-                self._encoders[model_id] = _Encoders(text, image)
+                index = components.get(REFINER_INDEX)
+                refiner_zeros = (
+                    bool(index.config.get("force_zeros_for_empty_prompt", False))
+                    if index is not None
+                    else None
+                )
+                self._encoders[model_id] = _Encoders(text, image, refiner_zeros)
         return self._encoders[model_id]
 
     # ---------------------------------------------------------------------------------- LRU

@@ -44,7 +44,7 @@ from shared.api.http_errors import (
     to_serve_error,
 )
 from shared.api.images import decode_image, rgb_pixels
-from shared.api.jobs import DenoiseJob, multiplexed_id
+from shared.api.jobs import DenoiseJob, RefinerHandoff, multiplexed_id
 from shared.api.request_images import (
     DecodedImages,
     decode_images,
@@ -531,6 +531,8 @@ class Router:
         fields = dict(resolved.fields)
         prompt = image_prompt_pixels(resolved.images)
         text = self._encoder.encode.remote(model.id, request.prompt, request.negative_prompt)
+        if request.refiner is not None:
+            fields["refiner"] = await self._refiner_handoff(request, model)
         if prompt is not None:
             image = self._encoder.encode_image.remote(model.id, prompt)
             embeddings, fields["image_embeds"] = await asyncio.gather(text, image)
@@ -555,6 +557,24 @@ class Router:
             timings={"encode_ms": (time.time() - started) * 1000},
             loras=tuple((lora.id, lora.scale) for lora in request.loras),
             **fields,
+        )
+
+    async def _refiner_handoff(
+        self, request: GenerateRequest, model: ModelConfig
+    ) -> RefinerHandoff:
+        """The resolved `refiner` as the job carries it, with the prompt pair encoded the way
+        the refiner's checkpoint encodes an empty negative."""
+        spec = request.refiner
+        assert spec is not None and spec.switch_at is not None
+        assert spec.aesthetic_score is not None and spec.negative_aesthetic_score is not None
+        embeddings = await self._encoder.encode.remote(
+            model.id, request.prompt, request.negative_prompt, True
+        )
+        return RefinerHandoff(
+            switch_at=spec.switch_at,
+            aesthetic_score=spec.aesthetic_score,
+            negative_aesthetic_score=spec.negative_aesthetic_score,
+            embeddings=embeddings,
         )
 
     def _image_prompt_models(self) -> list[str]:

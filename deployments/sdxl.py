@@ -213,7 +213,9 @@ class SDXLPipeline:
                 raise GenerationError(f"model {model_id!r} is not served by this deployment")
             while len(self._engines) >= MODELS_PER_REPLICA:
                 await self._drop_engine(next(iter(self._engines)))
-            names = ENGINE_COMPONENTS + tuple(lora.component for lora in model.loras)
+            adapters = [lora.component for lora in model.loras]
+            adapters += [controlnet.component for controlnet in model.controlnets]
+            names = (*ENGINE_COMPONENTS, *adapters)
             components = await fetch_components(self._cache, model_id, names, _actor_name())
             fast_paths = self._config.engine.resolved(self._device)
             engine = await asyncio.to_thread(

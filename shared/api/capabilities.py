@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from shared.api.control_maps import PREPROCESSORS, Preprocessor
 from shared.api.request_images import DecodedImages
 from shared.api.schemas import IMAGE_INPUTS, GenerateRequest, ImageDigest, RequestRecord
 from shared.api.vocabulary import (
@@ -28,7 +29,7 @@ from shared.api.vocabulary import (
 from shared.config import AppConfig, BatchingConfig, LimitsConfig, ModelConfig
 
 # What a provider model refuses at the edge (`check_remote_request`): every image input.
-PROVIDER_REFUSED = (*IMAGE_INPUTS, "noise_mask")
+PROVIDER_REFUSED = (*IMAGE_INPUTS, "noise_mask", "controlnet", "loras", "refiner")
 # SDXL's VAE turns 8x8 pixels into one latent pixel.
 LATENT_SCALE = 8
 # Activation elements one UNet batch row keeps alive per latent pixel at its peak (SDXL's widest
@@ -38,6 +39,15 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 # ---- GET /v1/capabilities ---------------------------------------------------------------------
+
+
+class RefinerSupport(BaseModel):
+    """A model's refiner and the defaults a request's `refiner` fields take."""
+
+    id: str
+    switch_at: float = Field(description="Share of the schedule the base runs.")
+    aesthetic_score: float
+    negative_aesthetic_score: float
 
 
 class TaskSupport(BaseModel):
@@ -54,6 +64,18 @@ class TaskSupport(BaseModel):
     start_image: bool = Field(True, description="`start_image` (+ `start_noise`).")
     noise_mask: bool = Field(True, description="`noise_mask`.")
     image_prompt: bool = Field(description="`image_prompt`: the model has an IP-Adapter.")
+    controlnet: bool = Field(description="`controlnet`: the model configures ControlNets.")
+    refiner: bool = Field(description="`refiner`: the model configures an SDXL refiner.")
+
+
+class ControlNetSupport(BaseModel):
+    """A ControlNet `controlnet` may name, and the preprocessors its control image may take."""
+
+    id: str = Field(description="What `controlnet[].id` takes.")
+    preprocessors: list[Preprocessor] = Field(
+        description="`controlnet[].preprocessor` values: `none` (the image is the control map) "
+        "or `canny` (OpenCV's Canny edges of it)."
+    )
 
 
 class ModelRuntime(BaseModel):
@@ -80,8 +102,12 @@ class LocalModelCapabilities(BaseModel):
     )
     output_formats: list[ImageFormat]
     loras: list[str] = Field(description="LoRA ids `loras` may name.")
-    controlnets: list[str] = Field(default_factory=list, description="None configured yet.")
-    refiner: str | None = Field(default=None, description="None configured yet.")
+    controlnets: list[ControlNetSupport] = Field(
+        default_factory=list, description="ControlNets `controlnet` may name."
+    )
+    refiner: RefinerSupport | None = Field(
+        default=None, description="The refiner `refiner` hands the schedule's end to, if any."
+    )
     default_width: int | None = Field(
         description="A request's width when it gives none (and no init/start image); null: the "
         "checkpoint's own, not known until its weights are in the cache."
@@ -150,12 +176,28 @@ def _local(
         tasks=TaskSupport(
             inpainting_unet=None if engine is None else engine["inpainting_unet"],
             image_prompt=model.ip_adapter is not None,
+            controlnet=bool(model.controlnets),
+            refiner=model.refiner is not None,
         ),
         samplers=list(SCHEDULER_NAMES),
         default_sampler=model.default_scheduler,
         preview_kinds=[kind for kind in PREVIEW_KINDS if kind != "tiny" or tiny],
         output_formats=list(IMAGE_FORMATS),
         loras=[lora.id for lora in model.loras],
+        controlnets=[
+            ControlNetSupport(id=control.id, preprocessors=list(PREPROCESSORS))
+            for control in model.controlnets
+        ],
+        refiner=(
+            RefinerSupport(
+                id=model.refiner.id,
+                switch_at=model.refiner.switch_at,
+                aesthetic_score=model.refiner.aesthetic_score,
+                negative_aesthetic_score=model.refiner.negative_aesthetic_score,
+            )
+            if model.refiner is not None
+            else None
+        ),
         default_width=model.default_width or width,
         default_height=model.default_height or height,
         default_steps=model.default_steps,
@@ -240,6 +282,10 @@ def request_record(request: GenerateRequest, images: DecodedImages) -> RequestRe
         if param == "noise_mask.image":
             fields["noise_mask"]["image"] = None
             image = images.noise_mask
+        elif param.startswith("controlnet."):
+            index = int(param.split(".")[1])
+            fields["controlnet"][index]["image"] = None
+            image = images.controlnets[index]
         else:
             fields[param] = None
             image = getattr(images, param)

@@ -34,6 +34,32 @@ class NoiseInjection:
 
 
 @dataclass
+class ControlInput:
+    """One ControlNet of a job: the model's `controlnets:` id, its control map (uint8 (H, W, 3),
+    preprocessed and fitted to the job's size by the Router) and when and how strongly it
+    steers: `scale` on the steps whose fraction of the schedule lies within [start, end]."""
+
+    id: str
+    image: np.ndarray
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+
+@dataclass
+class RefinerHandoff:
+    """A job's refiner stage (SDXL's ensemble of experts): the base stops at `switch_at` of the
+    schedule and the model's refiner finishes it. `embeddings` are the prompt pair encoded with
+    the refiner's rule for an empty negative (the refiner reads their text-encoder-2 part); None
+    means the job's own embeddings serve."""
+
+    switch_at: float = 0.8
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
+    embeddings: PromptEmbeddings | None = None
+
+
+@dataclass
 class DenoiseJob:
     """What the Router hands SDXLPipeline once the request is validated and encoded."""
 
@@ -63,6 +89,8 @@ class DenoiseJob:
     image_embeds: np.ndarray | None = None  # (1, dim) CLIP image embedding for the IP-Adapter
     image_prompt_scale: float = 1.0
     loras: tuple[tuple[str, float], ...] = ()  # (LoRA id, scale) pairs
+    controlnets: list[ControlInput] = field(default_factory=list)
+    refiner: RefinerHandoff | None = None
 
 
 LoraSet = tuple[tuple[str, float], ...]

@@ -3,19 +3,21 @@ Router runs it (in a worker thread) before anything is queued, so a bad image is
 no replica time.
 
 Every image goes through `shared.api.images` (formats by their bytes, pixel caps from the header,
-EXIF orientation). A request that gives no width/height takes them from its init or start image
-(`size_from_image`); the images are then fitted to the request's size by `fit_image`'s rule
-(scale to cover, crop the centre).
+EXIF orientation). A request that gives no width/height takes them from its init or start image,
+else its first control image (`size_from_image`); the images are then fitted to the request's
+size by `fit_image`'s rule (scale to cover, crop the centre), and control images preprocessed
+into control maps (`shared.api.control_maps`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from shared.api.control_maps import control_map
 from shared.api.images import (
     decode_image,
     fit_image,
@@ -23,9 +25,10 @@ from shared.api.images import (
     rgb_pixels,
     size_from_image,
 )
-from shared.api.jobs import NoiseInjection
+from shared.api.jobs import ControlInput, NoiseInjection
 from shared.api.noise_masks import pattern_mask
 from shared.api.schemas import GenerateRequest
+from shared.api.validation import check_controlnet_count
 from shared.config import LimitsConfig
 from shared.errors import InvalidRequestError
 
@@ -43,19 +46,24 @@ class DecodedImages:
     start_image: Image.Image | None = None
     noise_mask: Image.Image | None = None
     image_prompt: Image.Image | None = None
+    controlnets: list[Image.Image] = field(default_factory=list)  # by `controlnet` index
 
     @property
     def source(self) -> Image.Image | None:
         """The image whose size a request without width/height takes."""
-        return self.init_image or self.start_image
+        return self.init_image or self.start_image or next(iter(self.controlnets), None)
 
 
 def decode_images(request: GenerateRequest, limits: LimitsConfig) -> DecodedImages:
     """Decode every image field; a bad one raises its 4xx naming the field."""
+    check_controlnet_count(request, limits)  # before decoding what the limit refuses anyway
     decoded = DecodedImages()
     for param, data in request.image_fields.items():
         image = decode_image(data, param=param, limits=limits)
-        setattr(decoded, param.replace(".image", ""), image)
+        if param.startswith("controlnet."):  # `controlnet.{i}.image`, in index order
+            decoded.controlnets.append(image)
+        else:
+            setattr(decoded, param.replace(".image", ""), image)
     init, mask = decoded.init_image, decoded.mask
     if init is not None and mask is not None and init.size != mask.size:
         raise InvalidRequestError(
@@ -105,7 +113,22 @@ def job_images(request: GenerateRequest, decoded: DecodedImages) -> dict[str, An
             mask = pattern_mask(spec.pattern, width, height)
         mask = (1 - mask if spec.invert else mask).astype(np.float32)
         fields["noise_mask"] = NoiseInjection(mask, spec.strength, spec.start, spec.end)
+    if request.controlnet:
+        fields["controlnets"] = control_inputs(request, decoded)
     return fields
+
+
+def control_inputs(request: GenerateRequest, decoded: DecodedImages) -> list[ControlInput]:
+    """The request's ControlNets with their control maps at its (resolved) size. Canny runs
+    here: call it off the event loop."""
+    width, height = request.width, request.height
+    assert width is not None and height is not None
+    controls = []
+    for spec, image in zip(request.controlnet, decoded.controlnets, strict=True):
+        pixels = rgb_pixels(fit_image(image, width, height))
+        edges = control_map(pixels, spec.preprocessor, spec.low_threshold, spec.high_threshold)
+        controls.append(ControlInput(spec.id, edges, spec.scale, spec.start, spec.end))
+    return controls
 
 
 def image_prompt_pixels(decoded: DecodedImages) -> np.ndarray | None:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from shared.api.control_maps import Preprocessor
 from shared.api.noise_masks import NoiseMaskName
 from shared.api.vocabulary import ImageFormat, PreviewKind, SchedulerName
 
@@ -30,7 +31,8 @@ IMAGE_FIELD = (
     "gives none."
 )
 
-# The top-level image inputs of a GenerateRequest (a custom noise mask is `noise_mask.image`).
+# The top-level image inputs of a GenerateRequest (a custom noise mask is `noise_mask.image`, a
+# control image `controlnet.{i}.image`).
 IMAGE_INPUTS = ("init_image", "mask", "start_image", "image_prompt")
 
 
@@ -72,6 +74,86 @@ class LoraSpec(BaseModel):
 
     id: str = Field(min_length=1, max_length=200, description="A LoRA id from /v1/capabilities.")
     scale: float = Field(default=1.0, ge=-4.0, le=4.0, description="Its weight; 0 = off.")
+
+
+class ControlNetSpec(BaseModel):
+    """One ControlNet of a request: a ControlNet configured for the model, its control image,
+    and when and how strongly it steers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(
+        min_length=1, max_length=200, description="A ControlNet id from /v1/capabilities."
+    )
+    image: str = Field(
+        description="The control image (an edge map, or a photo with `preprocessor: canny`): "
+        + IMAGE_FIELD
+    )
+    scale: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=2.0,
+        description="Its weight (diffusers' `controlnet_conditioning_scale`); 0 = off.",
+    )
+    start: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Fraction of the schedule it begins to steer at (`control_guidance_start`).",
+    )
+    end: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=1.0,
+        description="Fraction of the schedule it stops steering at (`control_guidance_end`).",
+    )
+    preprocessor: Preprocessor = Field(
+        default="none",
+        description="`none`: the image is the control map; `canny`: OpenCV's Canny edges of "
+        "the image, fitted to the request size, are.",
+    )
+    low_threshold: int = Field(
+        default=100, ge=0, le=255, description="Canny's lower hysteresis threshold."
+    )
+    high_threshold: int = Field(
+        default=200, ge=0, le=255, description="Canny's upper hysteresis threshold."
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ControlNetSpec:
+        if self.start >= self.end:
+            raise FieldConflict("end", f"end ({self.end}) must be above start ({self.start})")
+        if self.low_threshold > self.high_threshold:
+            raise FieldConflict(
+                "high_threshold",
+                f"high_threshold ({self.high_threshold}) must be at least low_threshold "
+                f"({self.low_threshold})",
+            )
+        return self
+
+
+class RefinerSpec(BaseModel):
+    """Hand the end of the schedule to the model's SDXL refiner (ensemble of experts); every
+    field left out is the model's configured default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(
+        default=None, max_length=200, description="The refiner's id; the model's own if unset."
+    )
+    switch_at: float | None = Field(
+        default=None,
+        gt=0.0,
+        lt=1.0,
+        description="Share of the schedule the base runs before the refiner takes over "
+        "(diffusers' `denoising_end` / `denoising_start`).",
+    )
+    aesthetic_score: float | None = Field(
+        default=None, ge=0.0, le=10.0, description="The refiner's aesthetic conditioning."
+    )
+    negative_aesthetic_score: float | None = Field(
+        default=None, ge=0.0, le=10.0, description="Its value on the negative rows."
+    )
 
 
 class GenerateRequest(BaseModel):
@@ -143,6 +225,14 @@ class GenerateRequest(BaseModel):
     loras: list[LoraSpec] = Field(
         default_factory=list, description="LoRAs to apply, each with its scale."
     )
+    refiner: RefinerSpec | None = Field(
+        default=None, description="Finish the schedule with the model's refiner."
+    )
+    controlnet: list[ControlNetSpec] = Field(
+        default_factory=list,
+        description="ControlNets to steer with, each with its control image, scale and span of "
+        "the schedule.",
+    )
 
     @model_validator(mode="after")
     def _image_inputs_agree(self) -> GenerateRequest:
@@ -157,6 +247,9 @@ class GenerateRequest(BaseModel):
         ids = [lora.id for lora in self.loras]
         if len(set(ids)) != len(ids):
             raise FieldConflict("loras", "each LoRA may appear once in loras")
+        ids = [control.id for control in self.controlnet]
+        if len(set(ids)) != len(ids):
+            raise FieldConflict("controlnet", "each ControlNet may appear once in controlnet")
         return self
 
     @property
@@ -165,6 +258,8 @@ class GenerateRequest(BaseModel):
         images = {name: getattr(self, name) for name in IMAGE_INPUTS if getattr(self, name)}
         if self.noise_mask is not None and self.noise_mask.image is not None:
             images["noise_mask.image"] = self.noise_mask.image
+        for index, control in enumerate(self.controlnet):
+            images[f"controlnet.{index}.image"] = control.image
         return images
 
 
@@ -201,7 +296,8 @@ class ImageDigest(BaseModel):
 
 class RequestRecord(BaseModel):
     """A resolved request without its image payloads: every default filled in (size, steps,
-    sampler, seed, strength, start_noise), each image field null and listed in `images`."""
+    sampler, seed, strength, start_noise, each ControlNet's), each image field null and listed
+    in `images`."""
 
     request: dict[str, Any] = Field(
         default_factory=dict,
@@ -211,7 +307,7 @@ class RequestRecord(BaseModel):
     images: dict[str, ImageDigest] = Field(
         default_factory=dict,
         description="The request's image inputs by field (`noise_mask.image` for a custom noise "
-        "mask).",
+        "mask, `controlnet.{i}.image` for a control image).",
     )
 
 

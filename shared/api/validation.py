@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from shared.api.schemas import FieldConflict, GenerateRequest
+from shared.api.schemas import FieldConflict, GenerateRequest, RefinerSpec
 from shared.config import LimitsConfig, ModelConfig
 from shared.errors import InvalidRequestError, MalformedRequestError, PayloadTooLargeError
 
@@ -100,6 +100,9 @@ def resolve_request(
     _check_range("guidance_scale", filled.guidance_scale, 0.0, limits.max_guidance_scale)
     _check_range("preview_every", filled.preview_every, 1, limits.max_steps)
     _check_loras(filled, model, limits)
+    _check_controlnets(filled, model, limits)
+    if filled.refiner is not None:
+        filled.refiner = _resolve_refiner(filled, model)
     for name in ("prompt", "negative_prompt"):
         text = getattr(filled, name)
         if text is not None and len(text) > limits.max_prompt_chars:
@@ -109,6 +112,43 @@ def resolve_request(
                 param=name,
             )
     return filled
+
+
+def _resolve_refiner(request: GenerateRequest, model: ModelConfig) -> RefinerSpec:
+    """The request's refiner with the model's defaults filled in; refused where there is none or
+    the job inpaints (the refiner would repaint what the mask keeps)."""
+    spec, refiner = request.refiner, model.refiner
+    assert spec is not None
+    if refiner is None:
+        raise InvalidRequestError(
+            f"model {model.id!r} has no refiner configured",
+            code="refiner_unsupported",
+            param="refiner",
+        )
+    if spec.model is not None and spec.model != refiner.id:
+        raise InvalidRequestError(
+            f"unknown refiner {spec.model!r} for model {model.id!r}; its refiner: {refiner.id}",
+            code="unknown_refiner",
+            param="refiner.model",
+        )
+    if request.mask is not None:
+        raise InvalidRequestError(
+            "a refiner cannot finish an inpainting job; drop `refiner` or `mask`",
+            code="refiner_unsupported",
+            param="refiner",
+        )
+    return RefinerSpec(
+        model=refiner.id,
+        switch_at=spec.switch_at if spec.switch_at is not None else refiner.switch_at,
+        aesthetic_score=(
+            spec.aesthetic_score if spec.aesthetic_score is not None else refiner.aesthetic_score
+        ),
+        negative_aesthetic_score=(
+            spec.negative_aesthetic_score
+            if spec.negative_aesthetic_score is not None
+            else refiner.negative_aesthetic_score
+        ),
+    )
 
 
 def _check_loras(request: GenerateRequest, model: ModelConfig, limits: LimitsConfig) -> None:
@@ -129,6 +169,31 @@ def _check_loras(request: GenerateRequest, model: ModelConfig, limits: LimitsCon
             )
 
 
+def check_controlnet_count(request: GenerateRequest, limits: LimitsConfig) -> None:
+    """Refuse more ControlNets than the limit; the intake calls it before decoding their images."""
+    if len(request.controlnet) > limits.max_controlnets:
+        raise InvalidRequestError(
+            f"controlnet has {len(request.controlnet)} entries; the limit is "
+            f"{limits.max_controlnets}",
+            code="too_many_controlnets",
+            param="controlnet",
+        )
+
+
+def _check_controlnets(request: GenerateRequest, model: ModelConfig, limits: LimitsConfig) -> None:
+    check_controlnet_count(request, limits)
+    known = {control.id for control in model.controlnets}
+    for index, control in enumerate(request.controlnet):
+        if control.id not in known:
+            names = ", ".join(sorted(known)) or "none"
+            raise InvalidRequestError(
+                f"unknown ControlNet {control.id!r} for model {model.id!r}; its ControlNets: "
+                f"{names}",
+                code="unknown_controlnet",
+                param=f"controlnet.{index}.id",
+            )
+
+
 def _first_set(name: str, *values: int | None) -> int:
     for value in values:
         if value is not None:
@@ -145,10 +210,17 @@ def check_remote_request(request: GenerateRequest, limits: LimitsConfig) -> None
     """The limits that apply to a provider model too (its own API checks the rest)."""
     _check_range("n", request.n, 1, limits.max_n)
     images = request.image_fields
-    if images or request.noise_mask is not None or request.loras:
-        param = next(iter(images), "noise_mask" if request.noise_mask else "loras")
+    local_only = {
+        **{name: True for name in images},
+        "noise_mask": request.noise_mask is not None,
+        "loras": bool(request.loras),
+        "refiner": request.refiner is not None,
+    }
+    param = next((name for name, used in local_only.items() if used), None)
+    if param is not None:
         raise InvalidRequestError(
-            f"{param} is not supported for provider models (image inputs run on local models only)",
+            f"{param} is not supported for provider models (image inputs, LoRAs and refiners run "
+            "on local models only)",
             code="unsupported_for_provider",
             param=param,
         )

@@ -16,20 +16,25 @@ from shared.config.app import (
 )
 from shared.config.deployment import AutoscalingConfig, DeploymentOptions
 from shared.config.models import (
+    CONTROLNET_PREFIX,
     LORA_PREFIX,
+    ControlNetConfig,
     IPAdapterConfig,
     LimitsConfig,
     LoraConfig,
     ModelConfig,
+    RefinerConfig,
 )
 
 __all__ = [
+    "CONTROLNET_PREFIX",
     "LORA_PREFIX",
     "AppConfig",
     "AuthConfig",
     "AutoscalingConfig",
     "BatchingConfig",
     "CacheConfig",
+    "ControlNetConfig",
     "DeploymentOptions",
     "EncoderConfig",
     "EngineConfig",
@@ -38,5 +43,6 @@ __all__ = [
     "LoraConfig",
     "ModelConfig",
     "OpenAIImagesConfig",
+    "RefinerConfig",
     "StorageConfig",
 ]

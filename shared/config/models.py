@@ -43,6 +43,9 @@ class LimitsConfig(StrictConfig):
     )
     preview_max_side: int = Field(256, ge=16, le=2048, description="Longest side of a preview.")
     max_loras: int = Field(4, ge=0, le=16, description="Most LoRAs one request may apply.")
+    max_controlnets: int = Field(
+        3, ge=0, le=8, description="Most ControlNets one request may apply."
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> LimitsConfig:
@@ -94,6 +97,47 @@ class LoraConfig(StrictConfig):
         return f"{LORA_PREFIX}{self.id}"
 
 
+class RefinerConfig(StrictConfig):
+    """The model's SDXL refiner (ensemble of experts), loaded with the model as one suite."""
+
+    id: str = Field(
+        min_length=1, max_length=200, description="Name requests put in `refiner.model`."
+    )
+    source: str = Field(
+        min_length=1,
+        description="`tiny-refiner` (built in), a local folder, `s3://bucket/prefix`, or an HF id "
+        "such as `stabilityai/stable-diffusion-xl-refiner-1.0` (its unet and scheduler are read; "
+        "the base's VAE decodes and the base's text encoder 2 conditions it, as in diffusers' "
+        "ensemble example).",
+    )
+    switch_at: float = Field(
+        0.8, gt=0.0, lt=1.0, description="Default share of the schedule the base runs."
+    )
+    aesthetic_score: float = Field(6.0, ge=0.0, le=10.0, description="Default aesthetic score.")
+    negative_aesthetic_score: float = Field(
+        2.5, ge=0.0, le=10.0, description="Default aesthetic score of the negative rows."
+    )
+
+
+CONTROLNET_PREFIX = "controlnet:"  # a ControlNet's component name: `controlnet:<id>`
+
+
+class ControlNetConfig(StrictConfig):
+    """A ControlNet a request may name for its model (`controlnet: [{id, image, ...}]`)."""
+
+    id: str = Field(min_length=1, max_length=200, description="Name requests put in `controlnet`.")
+    source: str = Field(
+        min_length=1,
+        description="`tiny-controlnet` (built in), a subfolder of the model's source, a local "
+        "folder, `s3://bucket/prefix`, or an HF id such as "
+        "`diffusers/controlnet-canny-sdxl-1.0` (a diffusers ControlNetModel folder).",
+    )
+
+    @property
+    def component(self) -> str:
+        return f"{CONTROLNET_PREFIX}{self.id}"
+
+
 class ModelConfig(StrictConfig):
     """One locally served SDXL model."""
 
@@ -142,6 +186,13 @@ class ModelConfig(StrictConfig):
     loras: list[LoraConfig] = Field(
         default_factory=list,
         description="LoRAs requests may apply (safetensors; kohya/A1111 or diffusers/PEFT keys).",
+    )
+    refiner: RefinerConfig | None = Field(
+        None, description="An SDXL refiner requests may hand the last part of the schedule to."
+    )
+    controlnets: list[ControlNetConfig] = Field(
+        default_factory=list,
+        description="ControlNets requests may apply (diffusers ControlNetModel folders).",
     )
     vae: str | None = Field(
         None,

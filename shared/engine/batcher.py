@@ -3,7 +3,8 @@
 Requests wait in a FIFO. At every step boundary the loop admits waiting requests while their
 images fit `max_batch_images` (the head of the line always runs when nothing else does), drops
 the cancelled ones, groups the rest by what lets them share a UNet call (engine — that is,
-model —, size and LoRA set; the dtype is the engine's), runs one `SDXLEngine.step` per group,
+model —, size, UNet — the base or the model's refiner — and LoRA set; the dtype is the
+engine's), runs one `SDXLEngine.step` per group,
 then finishes the requests whose last step that was with one `SDXLEngine.decode` per group. A
 request joins at the next boundary and starts at its own step 0; it leaves when done or
 cancelled, and the others go on undisturbed. With batching off it admits one request at a time,
@@ -24,13 +25,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from shared.api.jobs import DenoiseJob, lora_set
+from shared.api.jobs import DenoiseJob, LoraSet
 from shared.api.schemas import QueuedEvent, ResultEvent, StepEvent
 from shared.engine.sdxl import Denoising, SDXLEngine
 from shared.errors import RequestCancelledError, ServeError, UnavailableError
 
 logger = logging.getLogger(__name__)
-GroupKey = tuple[int, tuple[int, int], tuple[tuple[str, float], ...]]
+GroupKey = tuple[int, tuple[tuple[int, int], str, LoraSet]]
 # How much one new step time moves the estimate used for `queued` ETAs.
 STEP_TIME_SMOOTHING = 0.3
 
@@ -65,8 +66,10 @@ class _Request:
 
     @property
     def key(self) -> GroupKey:
-        """What lets requests share a UNet call: engine (model), size and LoRA set."""
-        return id(self.engine), (self.job.height, self.job.width), lora_set(self.job.loras)
+        """What lets requests share a UNet call: engine (model), size, UNet (base or refiner)
+        and LoRA set (`Denoising.group`); only started requests are grouped."""
+        assert self.state is not None
+        return id(self.engine), self.state.group
 
 
 @dataclass

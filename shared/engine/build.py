@@ -12,7 +12,7 @@ from functools import partial
 import torch
 from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
 
-from shared.config import LORA_PREFIX
+from shared.config import CONTROLNET_PREFIX, LORA_PREFIX
 from shared.engine.ip_adapter import attach_ip_adapter, has_ip_adapter
 from shared.engine.modules import (
     build_image_processor,
@@ -34,7 +34,8 @@ def build_engine(
     fast_paths: dict[str, bool] | None = None,
 ) -> SDXLEngine:
     """UNet in the model's dtype with its IP-Adapter (if the model has one) and the given fast
-    paths; the VAE (and TAESD) decode in float32."""
+    paths, its LoRAs, ControlNets and refiner (a UNet in the same dtype); the VAE (and TAESD)
+    decode in float32."""
     dtype = getattr(torch, dtype_name)
     taesd = components.get("taesd")
     unet = build_module(components["unet"], device=device, dtype=dtype)
@@ -47,10 +48,17 @@ def build_engine(
         for name, weights in components.items()
         if name.startswith(LORA_PREFIX)
     }
+    controlnets = {
+        name.removeprefix(CONTROLNET_PREFIX): build_module(weights, device=device, dtype=dtype)
+        for name, weights in components.items()
+        if name.startswith(CONTROLNET_PREFIX)
+    }
     paths = dict(fast_paths or {})
     if loras:
         # LoRAs target to_q/to_k/to_v, which fusing replaces with one projection.
         paths["fuse_qkv"] = False
+    refiner = components.get("refiner_unet")
+    refiner_unet = build_module(refiner, device=device, dtype=dtype) if refiner else None
     return SDXLEngine(
         unet=apply_fast_paths(unet, **paths),
         vae=build_module(components["vae"], device=device, dtype=torch.float32),
@@ -59,6 +67,11 @@ def build_engine(
         device=device,
         dtype=dtype,
         loras=loras,
+        controlnets=controlnets,
+        refiner_unet=apply_fast_paths(refiner_unet, **paths) if refiner_unet else None,
+        refiner_scheduler_config=(
+            build_scheduler_config(components["refiner_scheduler"]) if refiner_unet else None
+        ),
     )
 
 

@@ -83,7 +83,7 @@ class PromptEncoder:
         )
 
     def encode(
-        self, pairs: list[tuple[str, str | None]]
+        self, pairs: list[tuple[str, str | None]], force_zeros: bool | None = None
     ) -> list[PromptEmbeddings | InvalidRequestError]:
         """Encode (prompt, negative_prompt) pairs; one result per pair, in order.
 
@@ -95,10 +95,11 @@ class PromptEncoder:
         A negative that is None or "" is all zeros when `force_zeros_for_empty_prompt` (SDXL
         base), otherwise the encoding of "". Note diffusers zeroes only None and encodes "" as
         text; we treat "" like an omitted negative so both spellings give the same image.
+        `force_zeros` overrides the rule for this call: a refiner's checkpoint has its own.
         """
         errors = self._length_errors(pairs)
         valid = [i for i, error in enumerate(errors) if error is None]
-        negatives = {i: self._negative_text(pairs[i][1]) for i in valid}
+        negatives = {i: self._negative_text(pairs[i][1], force_zeros) for i in valid}
         # Identical texts (a shared negative, a repeated prompt) are encoded once: with every
         # sequence padded to the full window and no attention mask, a row's output does not
         # depend on what else is in the batch.
@@ -164,9 +165,10 @@ class PromptEncoder:
                 errors.append(None)
         return errors
 
-    def _negative_text(self, negative: str | None) -> str | None:
+    def _negative_text(self, negative: str | None, force_zeros: bool | None) -> str | None:
         """The text to encode for a negative, or None when it is all zeros instead."""
-        if not negative and self.force_zeros_for_empty_prompt:
+        zeros = self.force_zeros_for_empty_prompt if force_zeros is None else force_zeros
+        if not negative and zeros:
             return None
         return negative or ""
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, ControlNetModel, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -38,6 +38,7 @@ from shared.api.vocabulary import (
     PREVIEW_KINDS,
     PreviewKind,
 )
+from shared.engine.controlnets import Control, ControlNets, ControlRows
 from shared.engine.image_inputs import (
     ImageLatents,
     Inpainting,
@@ -65,6 +66,7 @@ from shared.engine.previews import (
     render_previews,
     to_pixels,
 )
+from shared.engine.refiner import Refiner, base_steps, refiner_start, time_ids
 from shared.engine.samplers import build_scheduler, step_kwargs
 from shared.errors import InvalidRequestError, RequestCancelledError, ServeError
 from shared.imaging import encode_image, to_pil
@@ -98,9 +100,19 @@ class Sampling:
 
 
 @dataclass
+class Stage:
+    """The refiner's part of a job, set up with the job and waiting for the base to finish."""
+
+    sampling: Sampling
+    conditioning: Conditioning
+
+
+@dataclass
 class Denoising:
-    """One request between steps. `done` counts finished steps; `rows` is its share of a UNet
-    batch (its images, twice with classifier-free guidance)."""
+    """One request between steps. `done` counts finished steps (of all stages); `rows` is its
+    share of a UNet batch (its images, twice with classifier-free guidance). A job with a
+    refiner runs `stage` "base" until its base timesteps are done, then "refiner" with the
+    `handoff`'s sampling and conditioning on the same latents."""
 
     job: DenoiseJob
     sampling: Sampling
@@ -109,6 +121,10 @@ class Denoising:
     previewer: PreviewDecoder | None
     inpainting: Inpainting | None = None
     injector: NoiseInjector | None = None
+    controls: list[Control] = field(default_factory=list)
+    handoff: Stage | None = None
+    stage: str = "base"
+    stage_start: int = 0  # steps done before the current stage
     done: int = 0
     started: float = 0.0  # perf_counter at its first step
     denoise_ms: float = 0.0
@@ -116,7 +132,13 @@ class Denoising:
 
     @property
     def total(self) -> int:
-        return len(self.sampling.timesteps)
+        pending = len(self.handoff.sampling.timesteps) if self.handoff is not None else 0
+        return self.stage_start + len(self.sampling.timesteps) + pending
+
+    @property
+    def index(self) -> int:
+        """The step within the current stage's timesteps."""
+        return self.done - self.stage_start
 
     @property
     def finished(self) -> bool:
@@ -134,7 +156,12 @@ class Denoising:
     @property
     def lora_set(self) -> LoraSet:
         """The LoRAs its UNet calls run with: requests share a call only with the same set."""
-        return lora_set(self.job.loras)
+        return lora_set(self.job.loras) if self.stage == "base" else ()
+
+    @property
+    def group(self) -> tuple[tuple[int, int], str, LoraSet]:
+        """What it shares a UNet call by: size, the UNet (base or refiner) and the LoRA set."""
+        return self.size, self.stage, self.lora_set
 
 
 class SDXLEngine:
@@ -149,6 +176,9 @@ class SDXLEngine:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         loras: dict[str, Callable[[], dict[str, torch.Tensor]]] | None = None,
+        controlnets: dict[str, ControlNetModel] | None = None,
+        refiner_unet: UNet2DConditionModel | None = None,
+        refiner_scheduler_config: dict[str, Any] | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
@@ -163,6 +193,12 @@ class SDXLEngine:
         self.ip_adapter = has_ip_adapter(self.unet)
         self.image_embeds_dim = image_embeds_dim(self.unet) if self.ip_adapter else 0
         self.loras = LoraAdapters(self.unet, loras or {})
+        self.controlnets = ControlNets(controlnets or {}, self.device, dtype)
+        self.refiner = (
+            Refiner.place(refiner_unet, refiner_scheduler_config or {}, self.device, dtype)
+            if refiner_unet is not None
+            else None
+        )
         tiny = (
             TinyVAEDecoder(preview_decoder, self.device, dtype)
             if preview_decoder is not None
@@ -245,6 +281,8 @@ class SDXLEngine:
             sampling = self._sampling(job, scheduler)
             latents, inpainting = self._initial_latents(job, sampling)
             injector = self._injector(job)
+            controls = self.controlnets.prepare(job, conditioning.uses_cfg)
+            handoff = self._handoff(job, sampling) if job.refiner is not None else None
         return Denoising(
             job,
             sampling,
@@ -253,6 +291,8 @@ class SDXLEngine:
             previewer,
             inpainting=inpainting,
             injector=injector,
+            controls=controls,
+            handoff=handoff,
         )
 
     def step(self, states: list[Denoising]) -> list[StepEvent]:
@@ -261,12 +301,13 @@ class SDXLEngine:
         The states must share a size (`Denoising.size`); each keeps its own sampler, timestep,
         guidance and generators, so the result of each equals its own step run alone.
         """
-        if len({(state.size, state.lora_set) for state in states}) != 1:
-            raise ValueError("states of one UNet call must share a size and a LoRA set")
+        if len({state.group for state in states}) != 1:
+            raise ValueError("states of one UNet call must share a size, a UNet and a LoRA set")
         started = time.perf_counter()
-        # Adapters load (once) here, on the batcher's thread between UNet calls.
-        self.loras.ensure(states[0].lora_set)
-        self.loras.activate(states[0].lora_set)
+        if states[0].stage == "base":
+            # Adapters load (once) here, on the batcher's thread between UNet calls.
+            self.loras.ensure(states[0].lora_set)
+            self.loras.activate(states[0].lora_set)
         with torch.inference_mode():
             outputs = self._denoise_step(states)
             self._synchronize()
@@ -279,6 +320,8 @@ class SDXLEngine:
             state.done += 1
             state.denoise_ms = (time.perf_counter() - state.started) * 1000
             events.append(self._event(state, predicted, step_ms))
+            if state.handoff is not None and state.index >= len(state.sampling.timesteps):
+                _hand_over(state)
         return events
 
     def decode(self, states: list[Denoising]) -> list[ResultEvent | ServeError]:
@@ -323,6 +366,34 @@ class SDXLEngine:
                 "preview_every and preview_max_side must be at least 1", param="preview_every"
             )
         self._check_images(job)
+        self.controlnets.check(job)
+        if job.refiner is not None:
+            self._check_refiner(job)
+
+    def _check_refiner(self, job: DenoiseJob) -> None:
+        if self.refiner is None:
+            raise InvalidRequestError(
+                f"model {job.model!r} has no refiner configured",
+                code="refiner_unsupported",
+                param="refiner",
+            )
+        if job.mask is not None or self.inpainting_unet:
+            raise InvalidRequestError(
+                "a refiner cannot finish an inpainting job; drop `refiner` or `mask`",
+                code="refiner_unsupported",
+                param="refiner",
+            )
+        sampling = self._sampling(job, build_scheduler(job.scheduler, self.scheduler_config))
+        base = len(self._base_timesteps(job, sampling))
+        refined = len(self._refiner_sampling(job, sampling.generators).timesteps)
+        if base < 1 or refined < 1:
+            switch_at = job.refiner.switch_at if job.refiner is not None else None
+            raise InvalidRequestError(
+                f"switch_at {switch_at} leaves the "
+                f"{'base' if base < 1 else 'refiner'} no step of this job's schedule "
+                f"({base} base, {refined} refiner steps); move it toward 0.5",
+                param="refiner.switch_at",
+            )
 
     def _check_images(self, job: DenoiseJob) -> None:
         size = (job.height, job.width)
@@ -418,6 +489,50 @@ class SDXLEngine:
             scheduler, scheduler.timesteps[begin:], generators, step_kwargs(scheduler, generators)
         )
 
+    def _base_timesteps(self, job: DenoiseJob, sampling: Sampling) -> torch.Tensor:
+        """The base's timesteps: with a refiner, those before the handoff (`denoising_end`)."""
+        if job.refiner is None:
+            return sampling.timesteps
+        kept = base_steps(sampling.timesteps, sampling.scheduler, job.refiner.switch_at)
+        return sampling.timesteps[:kept]
+
+    def _handoff(self, job: DenoiseJob, sampling: Sampling) -> Stage:
+        """Cut the base's schedule at the handoff and set up the refiner's stage."""
+        sampling.timesteps = self._base_timesteps(job, sampling)
+        return Stage(
+            self._refiner_sampling(job, sampling.generators), self._refiner_conditioning(job)
+        )
+
+    def _refiner_sampling(self, job: DenoiseJob, generators: list[torch.Generator]) -> Sampling:
+        """The refiner's scheduler (the job's sampler on the refiner's config) from the handoff
+        on (`denoising_start`), drawing from the job's generators where the base left them."""
+        assert self.refiner is not None and job.refiner is not None
+        scheduler = build_scheduler(job.scheduler, self.refiner.scheduler_config)
+        scheduler.set_timesteps(job.steps, device=self.device)
+        start = refiner_start(scheduler, job.refiner.switch_at)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start)
+        kwargs = step_kwargs(scheduler, generators)
+        return Sampling(scheduler, scheduler.timesteps[start:], generators, kwargs)
+
+    def _refiner_conditioning(self, job: DenoiseJob) -> Conditioning:
+        """Text encoder 2's part of the prompt embeddings and the aesthetic time ids."""
+        assert self.refiner is not None and job.refiner is not None
+        handoff, count = job.refiner, len(job.seeds)
+        embeddings = handoff.embeddings or job.embeddings
+        features = self.refiner.text_features
+        prompt = self._batch(embeddings.prompt_embeds[..., -features:], count)
+        pooled = self._batch(embeddings.pooled_prompt_embeds, count)
+        cfg = job.guidance_scale > 1.0
+        if cfg:
+            negative = self._batch(embeddings.negative_prompt_embeds[..., -features:], count)
+            negative_pooled = self._batch(embeddings.negative_pooled_prompt_embeds, count)
+            prompt = torch.cat([negative, prompt])
+            pooled = torch.cat([negative_pooled, pooled])
+        scores = handoff.aesthetic_score, handoff.negative_aesthetic_score
+        ids = time_ids(job.height, job.width, *scores, count, cfg)
+        return Conditioning(prompt, pooled, ids.to(self.device, self.dtype), job.guidance_scale)
+
     def _initial_latents(
         self, job: DenoiseJob, sampling: Sampling
     ) -> tuple[torch.Tensor, Inpainting | None]:
@@ -510,14 +625,19 @@ class SDXLEngine:
         corrections (inpainting's blend, injected noise); also returns each scheduler's x0
         prediction (when it makes one), which previews far better than the still-noisy
         latents."""
-        inputs, timesteps = [], []
+        inputs, control_inputs, timesteps, rows = [], [], [], []
+        offset = 0
         for state in states:
             scheduler = state.sampling.scheduler
-            timestep = state.sampling.timesteps[state.done]
+            timestep = state.sampling.timesteps[state.index]
             latents = state.latents
             cfg = state.conditioning.uses_cfg
             model_input = torch.cat([latents] * 2) if cfg else latents
             model_input = scheduler.scale_model_input(model_input, timestep)
+            # ControlNets take the latents alone, before inpainting's extra input channels.
+            control_inputs.append(model_input)
+            rows.append(ControlRows(offset, state.controls, state.done, state.total))
+            offset += model_input.shape[0]
             if state.inpainting is not None:
                 model_input = state.inpainting.unet_input(model_input, cfg)
             inputs.append(model_input)
@@ -528,16 +648,27 @@ class SDXLEngine:
             "text_embeds": torch.cat([s.conditioning.text_embeds for s in states]),
             "time_ids": torch.cat([s.conditioning.time_ids for s in states]),
         }
-        if self.ip_adapter:
+        refining = states[0].stage == "refiner"
+        image_prompts = self.ip_adapter and not refining
+        if image_prompts:
             embeds, scales = self._image_prompt_rows(states)
             set_row_scales(self.unet, scales)
-            added["image_embeds"] = [embeds]
-        noise = self.unet(
+        prompt_embeds = torch.cat([s.conditioning.prompt_embeds for s in states])
+        all_timesteps = torch.cat(timesteps)
+        residuals = self.controlnets.residuals(
+            rows, torch.cat(control_inputs), all_timesteps, prompt_embeds, added
+        )
+        if image_prompts:
+            added = {**added, "image_embeds": [embeds]}
+        unet = self.refiner.unet if refining and self.refiner is not None else self.unet
+        noise = unet(
             torch.cat(inputs),
-            torch.cat(timesteps),
-            encoder_hidden_states=torch.cat([s.conditioning.prompt_embeds for s in states]),
+            all_timesteps,
+            encoder_hidden_states=prompt_embeds,
             timestep_cond=None,
             added_cond_kwargs=added,
+            down_block_additional_residuals=residuals[0] if residuals else None,
+            mid_block_additional_residual=residuals[1] if residuals else None,
             return_dict=False,
         )[0]
         outputs = []
@@ -553,13 +684,13 @@ class SDXLEngine:
         if conditioning.uses_cfg:
             uncond, text = noise.chunk(2)
             noise = uncond + conditioning.guidance_scale * (text - uncond)
-        timestep = sampling.timesteps[state.done]
+        timestep = sampling.timesteps[state.index]
         output = sampling.scheduler.step(
             noise, timestep, state.latents, **sampling.step_kwargs, return_dict=True
         )
         latents = output.prev_sample
-        done = state.done + 1
-        following = sampling.timesteps[done] if done < state.total else None
+        done, index = state.done + 1, state.index + 1
+        following = sampling.timesteps[index] if index < len(sampling.timesteps) else None
         if state.inpainting is not None:
             latents = state.inpainting.blend(latents, sampling.scheduler, following)
         injector = state.injector
@@ -639,6 +770,14 @@ class SDXLEngine:
                 )
             )
         return images
+
+
+def _hand_over(state: Denoising) -> None:
+    """Switch a state whose base timesteps are done to its refiner stage (same latents)."""
+    assert state.handoff is not None
+    state.sampling, state.conditioning = state.handoff.sampling, state.handoff.conditioning
+    state.stage, state.stage_start, state.handoff = "refiner", state.done, None
+    state.controls = []  # ControlNets steer the base's UNet only
 
 
 def _kept_steps(job: DenoiseJob) -> int:

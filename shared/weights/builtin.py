@@ -16,6 +16,14 @@ visibly change its outputs: `tiny-lora` in diffusers/PEFT keys on every attentio
 saved by diffusers' `save_lora_weights`; `tiny-lora-kohya` in kohya/A1111 keys (with `.alpha`) on
 the transformers' proj_in/proj_out and feed-forward layers. Both load with
 `pipe.load_lora_weights(folder, weight_name=..., adapter_name=...)`.
+
+`tiny-controlnet` is a diffusers `ControlNetModel` folder made from `tiny`'s UNet
+(`ControlNetModel.from_unet`), with its zero-initialised output convolutions given random weights
+so that it visibly steers. `tiny-refiner` is an SDXL refiner for `tiny` in the layout of
+stabilityai/stable-diffusion-xl-refiner-1.0: `StableDiffusionXLImg2ImgPipeline` without text
+encoder 1, `requires_aesthetics_score`, empty negatives encoded rather than zeroed, `tiny`'s text
+encoder 2, tokenizer 2 and VAE, and a UNet of its own conditioned on encoder 2 alone with five time
+ids (the aesthetic score in place of the target size).
 """
 
 from __future__ import annotations
@@ -42,6 +50,8 @@ BUILTIN_PRESETS = (
     "tiny-ip-adapter",
     "tiny-lora",
     "tiny-lora-kohya",
+    "tiny-controlnet",
+    "tiny-refiner",
 )
 FORMAT_VERSION = "1"
 # Written last into a built folder: a folder with it is complete.
@@ -62,6 +72,14 @@ _KOHYA_TARGETS = ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")  # tiny-lo
 # Up-projection std: large enough that each LoRA moves the UNet's output by ~20-40%, so a test
 # sees its effect in the pixels (PEFT starts lora_B at zero, a no-op).
 _LORA_UP_STD = 0.3
+
+# ControlNet output convolutions: zero in a fresh ControlNet (a no-op); this std makes tiny's steer.
+_CONTROLNET_STD = 0.3
+_CONTROLNET_OUTPUTS = (
+    "controlnet_down_blocks",
+    "controlnet_mid_block",
+    "controlnet_cond_embedding.conv_out",
+)
 
 # SDXL base 1.0's scheduler_config.json, so the tiny model steps through the same timesteps.
 SDXL_SCHEDULER_CONFIG: dict[str, object] = {
@@ -138,6 +156,8 @@ def resolve_builtin(name: str, root: Path | None = None) -> Path:
         "tiny-ip-adapter": build_ip_adapter,
         "tiny-lora": build_tiny_lora,
         "tiny-lora-kohya": build_tiny_lora_kohya,
+        "tiny-controlnet": build_tiny_controlnet,
+        "tiny-refiner": partial(build_tiny_refiner, root=root),
     }
     if name not in builders:
         raise ValueError(
@@ -401,3 +421,65 @@ def build_tiny_lora_kohya(path: Path) -> None:
     # digest) must be the same on every build.
     metadata = {"ss_network_module": "networks.lora"}
     save_file(state, path / TINY_LORA_KOHYA_WEIGHTS, metadata=metadata)
+
+
+def build_tiny_controlnet(path: Path) -> None:
+    """Build `tiny-controlnet` under `path` (config.json + diffusion_pytorch_model.safetensors)."""
+    import torch
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(9)
+    controlnet = ControlNetModel.from_unet(
+        _unet(PRESETS["tiny"]), conditioning_embedding_out_channels=(8, 8, 16, 16)
+    )
+    generator = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for name, param in controlnet.named_parameters():
+            if name.startswith(_CONTROLNET_OUTPUTS):
+                param.copy_(torch.randn(param.shape, generator=generator) * _CONTROLNET_STD)
+    controlnet.save_pretrained(path, safe_serialization=True)
+
+
+def build_tiny_refiner(path: Path, root: Path | None = None) -> None:
+    """Build `tiny-refiner` under `path` from `tiny` (built first, under the same root)."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLImg2ImgPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    base = resolve_builtin("tiny", root)
+    tiny, time_dim = PRESETS["tiny"], 8
+    torch.manual_seed(10)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=tiny.unet_channels,
+        layers_per_block=tiny.unet_layers,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=5 * time_dim + tiny.text_hidden,
+        cross_attention_dim=tiny.text_hidden,
+        norm_num_groups=8,
+    )
+    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(base / "text_encoder_2")
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        vae=AutoencoderKL.from_pretrained(base / "vae"),
+        text_encoder=None,
+        text_encoder_2=text_encoder_2,
+        tokenizer=None,
+        tokenizer_2=CLIPTokenizer.from_pretrained(base / "tokenizer_2"),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG),
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)

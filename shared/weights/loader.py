@@ -46,11 +46,18 @@ SDXL_COMPONENTS = (
 )  # fmt: skip
 # What each model-owning deployment fetches from the cache; taesd, ip_adapter and image_encoder
 # only when the model has them (`fetch_components` skips names a model lacks).
-ENGINE_COMPONENTS = ("unet", "vae", "scheduler", "taesd", "ip_adapter")
+ENGINE_COMPONENTS = (
+    "unet", "vae", "scheduler", "taesd", "ip_adapter", "refiner_unet", "refiner_scheduler",
+)  # fmt: skip
 TEXT_COMPONENTS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "image_encoder")
 # An IP-Adapter's files are checked against `sha256` keys under this prefix, as if the adapter's
 # source were a subfolder of the model's: "ip_adapter/sdxl_models/ip-adapter_sdxl.safetensors".
 IP_ADAPTER_KEY_PREFIX = "ip_adapter/"
+# A refiner's components and the folders of its checkpoint they come from; `refiner` itself is
+# its model_index.json (how it encodes an empty negative), which ClipEncoder reads.
+REFINER_FOLDERS = {"refiner_unet": "unet", "refiner_scheduler": "scheduler"}
+REFINER_INDEX = "refiner"
+REFINER_KEY_PREFIX = "refiner/"
 
 _SAFETENSORS_STEMS = ("diffusion_pytorch_model", "model")
 # Small files a weights component keeps besides its config: a vision encoder's image processor.
@@ -73,8 +80,8 @@ def load_model(
     `extra` maps a component name to a subfolder of the source or to another source (the preview
     decoder: {"taesd": config.preview_decoder}); an extra that does not exist is left out.
     `overrides` does the same for components read instead of the checkpoint's own folder (a VAE:
-    {"vae": config.vae}), which must exist. Components that model_index.json declares empty
-    (null) are left out.
+    {"vae": config.vae}) or besides them (a ControlNet), which must exist. Components that
+    model_index.json declares empty (null) are left out.
     """
     extras = {name: value for name, value in (extra or {}).items() if value}
     replaced = {name: value for name, value in (overrides or {}).items() if value}
@@ -92,6 +99,9 @@ def load_model(
         library, class_name = _index_entry(index, name, config.source)
         if class_name is not None:
             loaded[name] = load_component(fs, root, name, config, library, class_name)
+    for name, value in replaced.items():
+        if name not in components:  # an added component that must exist (a ControlNet)
+            loaded[name] = _load_override(fs, root, name, value, config)
     for name, value in extras.items():
         component = _load_extra(fs, root, name, value, config)
         if component is not None:
@@ -344,12 +354,17 @@ def _join(folder: str, filename: str) -> str:
 
 def load_suite(config: ModelConfig) -> ModelWeights:
     """Everything `config` names: its SDXL components (with its VAE, if it names one), its
-    preview decoder (left out if absent), its IP-Adapter and its LoRAs (both required once
-    configured; LoRAs as `lora:<id>` components, see `shared.weights.loras`)."""
+    preview decoder (left out if absent), its IP-Adapter, refiner, ControlNets and LoRAs (all
+    required once configured; LoRAs as `lora:<id>` components, see `shared.weights.loras`,
+    ControlNets as `controlnet:<id>`)."""
+    controlnets = {net.component: net.source for net in config.controlnets}
     weights = load_model(
-        config, extra={"taesd": config.preview_decoder}, overrides={"vae": config.vae}
+        config,
+        extra={"taesd": config.preview_decoder},
+        overrides={"vae": config.vae, **controlnets},
     )
     weights.components.update(load_ip_adapter(config))
+    weights.components.update(load_refiner(config))
     weights.components.update(load_loras(config))
     return weights
 
@@ -459,3 +474,47 @@ def _check_adapter_keys(tensors: Mapping[str, TensorBlob], url: str) -> None:
                 f"{url} has no {group}.* tensors; is it an IP-Adapter's weights file?",
                 code="weights_mismatch",
             )
+
+
+# ------------------------------------------------------------------------------------ refiner
+
+
+def load_refiner(config: ModelConfig) -> dict[str, ComponentWeights]:
+    """The model's refiner as three components, or {} when it has none: `refiner_unet` and
+    `refiner_scheduler` from the refiner checkpoint's own folders, and `refiner` (its
+    model_index.json, which says how it encodes an empty negative prompt). Required once
+    configured; checksums are looked up under `refiner/`. Its VAE and text encoder are not read:
+    the base's serve it, as in diffusers' ensemble example (SDXL's refiner ships the same ones).
+    """
+    refiner = config.refiner
+    if refiner is None:
+        return {}
+    try:
+        fs, root = open_source(
+            refiner.source,
+            options_for(refiner.source, config.source, config.storage_options),
+            allow_patterns=hub_patterns(
+                list(REFINER_FOLDERS.values()), config.variant, config.allow_pickle
+            ),
+        )
+        reader = SourceReader(fs, root, config.sha256, REFINER_KEY_PREFIX)
+        index = _read_index(reader, refiner.source)
+        loaded = {
+            REFINER_INDEX: ComponentWeights(
+                REFINER_INDEX,
+                "diffusers",
+                str(index.get("_class_name", "")),
+                index,
+                files_sha256=reader.take_digests(),
+            )
+        }
+        for name, folder in REFINER_FOLDERS.items():
+            library, class_name = _index_entry(index, folder, refiner.source)
+            loaded[name] = load_component(
+                fs, root, name, config, library, class_name, subfolder=folder, reader=reader
+            )
+    except ModelLoadError as exc:
+        raise ModelLoadError(
+            f"refiner {refiner.id!r} of model {config.id!r}: {exc.message}", code=exc.code
+        ) from None
+    return loaded

@@ -74,7 +74,13 @@ def test_capabilities_describe_the_default_app(client: httpx.Client) -> None:
         assert model["samplers"] == list(SCHEDULER_NAMES)
         assert model["preview_kinds"] == ["none", "latent", "tiny", "full"]  # both carry taesd
         assert model["loras"] == [lora["id"] for lora in config.get("loras", [])]
-        assert (model["controlnets"], model["refiner"]) == ([], None)
+        controlnets = [net["id"] for net in config.get("controlnets", [])]
+        assert [net["id"] for net in model["controlnets"]] == controlnets
+        assert all(net["preprocessors"] == ["none", "canny"] for net in model["controlnets"])
+        assert model["tasks"]["controlnet"] == bool(controlnets)
+        refiner = config.get("refiner")
+        assert (model["refiner"] or {}).get("id") == (refiner or {}).get("id")
+        assert model["tasks"]["refiner"] == (refiner is not None)
         assert (model["default_width"], model["default_height"]) == (64, 64)
         assert model["default_steps"] == config["default_steps"]
         assert model["runtime"] == {

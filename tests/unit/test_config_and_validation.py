@@ -5,13 +5,19 @@ from __future__ import annotations
 import json
 import pickle
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from shared.api.schemas import GenerateRequest
-from shared.api.validation import parse_body, parse_request, resolve_request
-from shared.config import AppConfig, LimitsConfig, ModelConfig
+from shared.api.validation import (
+    check_remote_request,
+    parse_body,
+    parse_request,
+    resolve_request,
+)
+from shared.config import AppConfig, ControlNetConfig, LimitsConfig, ModelConfig
 from shared.errors import InvalidRequestError, MalformedRequestError, PayloadTooLargeError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -154,3 +160,75 @@ def test_rayservice_manifest_embeds_a_valid_app() -> None:
     head = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]
     (pin,) = parsed.cache_deployment.resources
     assert json.loads(json.loads(head["resources"])) == {pin: 1}
+
+
+CONTROLLED = MODEL.model_copy(
+    update={"controlnets": [ControlNetConfig(id="tiny-canny", source="tiny-controlnet")]}
+)
+CONTROL = {"id": "tiny-canny", "image": "aGk="}  # never decoded by these checks
+
+
+def resolve_controlled(*controls: dict[str, Any]) -> GenerateRequest:
+    request = parse_request({"model": "tiny", "prompt": "a cat", "controlnet": list(controls)})
+    return resolve_request(request, CONTROLLED, LIMITS)
+
+
+def test_controlnet_entries_take_their_defaults() -> None:
+    (control,) = resolve_controlled(CONTROL).controlnet
+    assert control.model_dump() == {
+        **CONTROL,
+        "scale": 1.0,
+        "start": 0.0,
+        "end": 1.0,
+        "preprocessor": "none",
+        "low_threshold": 100,
+        "high_threshold": 200,
+    }
+    assert resolve().controlnet == []
+
+
+@pytest.mark.parametrize(
+    ("controls", "code", "param", "fragment"),
+    [
+        ([{**CONTROL, "id": "nope"}], "unknown_controlnet", "controlnet.0.id", "tiny-canny"),
+        ([CONTROL] * 2, "invalid_value", "controlnet", "once"),
+        ([{**CONTROL, "start": 0.5, "end": 0.5}], "invalid_value", "controlnet.0.end", "above"),
+        ([{**CONTROL, "preprocessor": "depth"}], "invalid_value", "controlnet.0.preprocessor", ""),
+        ([{**CONTROL, "scale": 2.5}], "invalid_value", "controlnet.0.scale", ""),
+        (
+            [{**CONTROL, "low_threshold": 150, "high_threshold": 100}],
+            "invalid_value",
+            "controlnet.0.high_threshold",
+            "at least low_threshold (150)",
+        ),
+        ([{**CONTROL, "high_threshold": 256}], "invalid_value", "controlnet.0.high_threshold", ""),
+        ([{"id": "tiny-canny"}], "missing_field", "controlnet.0.image", ""),
+    ],
+)
+def test_bad_controlnet_entries_are_refused_naming_the_entry(
+    controls: list[dict[str, object]], code: str, param: str, fragment: str
+) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        resolve_controlled(*controls)
+    assert (info.value.status, info.value.code, info.value.param) == (422, code, param)
+    assert fragment in info.value.message
+
+
+def test_too_many_controlnets_are_refused() -> None:
+    limits = LIMITS.model_copy(update={"max_controlnets": 1})
+    request = parse_request(
+        {"model": "tiny", "prompt": "a", "controlnet": [CONTROL, {**CONTROL, "id": "other"}]}
+    )
+    with pytest.raises(InvalidRequestError) as info:
+        resolve_request(request, CONTROLLED, limits)
+    assert (info.value.code, info.value.param) == ("too_many_controlnets", "controlnet")
+    assert "the limit is 1" in info.value.message
+    with pytest.raises(ValueError, match="max_controlnets"):
+        LimitsConfig(max_controlnets=9)
+
+
+def test_a_provider_model_refuses_controlnet() -> None:
+    request = parse_request({"model": "cloud/gpt-image-1", "prompt": "a", "controlnet": [CONTROL]})
+    with pytest.raises(InvalidRequestError) as info:
+        check_remote_request(request, LIMITS)
+    assert (info.value.code, info.value.param) == ("unsupported_for_provider", "controlnet.0.image")

@@ -48,7 +48,7 @@ from shared.api.schemas import (
     Timings,
 )
 from shared.api.vocabulary import SAMPLERS, SCHEDULER_NAMES
-from shared.config import AppConfig, LimitsConfig, OpenAIImagesConfig
+from shared.config import AppConfig, ControlNetConfig, LimitsConfig, OpenAIImagesConfig
 from shared.errors import (
     BusyError,
     InvalidRequestError,
@@ -69,6 +69,7 @@ CONFIG = AppConfig.model_validate(
                 "source": "tiny",
                 "ip_adapter": {"source": "tiny-ip-adapter"},
                 "loras": [{"id": "tiny-lora", "source": "tiny-lora"}],
+                "controlnets": [ControlNetConfig(id="tiny-canny", source="tiny-controlnet")],
             },
             {"id": "tiny-inpaint", "source": "tiny-inpaint", "preview_decoder": None},
             {"id": "big", "source": "stabilityai/stable-diffusion-xl-base-1.0", "dtype": "float16"},
@@ -597,14 +598,18 @@ async def test_capabilities_list_what_each_model_takes(ok: Any) -> None:
         "start_image": True,
         "noise_mask": True,
         "image_prompt": True,
+        "controlnet": True,
+        "refiner": False,
     }
     assert (inpaint["tasks"]["inpainting_unet"], inpaint["tasks"]["image_prompt"]) == (True, False)
+    assert inpaint["tasks"]["controlnet"] is False and inpaint["controlnets"] == []
     assert big["tasks"]["inpainting_unet"] is None  # no replica has built it yet
     assert tiny["samplers"] == list(SCHEDULER_NAMES) and tiny["default_sampler"] is None
     assert tiny["preview_kinds"] == ["none", "latent", "tiny", "full"]
     assert inpaint["preview_kinds"] == ["none", "latent", "full"]  # no preview decoder
     assert (tiny["loras"], inpaint["loras"]) == (["tiny-lora"], [])
-    assert (tiny["controlnets"], tiny["refiner"]) == ([], None)
+    assert tiny["controlnets"] == [{"id": "tiny-canny", "preprocessors": ["none", "canny"]}]
+    assert tiny["refiner"] is None
     assert (tiny["default_width"], tiny["default_steps"]) == (None, 30)
     assert (big["default_width"], big["default_height"]) == (1024, 1024)  # the checkpoint's
     assert tiny["runtime"] == RUNTIMES["tiny"]
@@ -615,7 +620,16 @@ async def test_capabilities_list_what_each_model_takes(ok: Any) -> None:
             "backend": "cloud",
             "kind": "openai",
             "tasks": ["txt2img"],
-            "refuses": ["init_image", "mask", "start_image", "image_prompt", "noise_mask"],
+            "refuses": [
+                "init_image",
+                "mask",
+                "start_image",
+                "image_prompt",
+                "noise_mask",
+                "controlnet",
+                "loras",
+                "refiner",
+            ],
         }
     ]
     assert answer["limits"] == CONFIG.limits.model_dump()
