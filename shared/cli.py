@@ -99,13 +99,44 @@ def generate(
     n: Count = 1,
     negative_prompt: NegativePrompt = None,
     scheduler: Scheduler = None,
+    refiner: Annotated[
+        bool, typer.Option(help="Finish the schedule with the model's refiner.")
+    ] = False,
+    switch_at: Annotated[
+        float | None,
+        typer.Option(help="With --refiner: share of the schedule the base runs (model default)."),
+    ] = None,
+    controlnet: Annotated[
+        str | None, typer.Option(help="A ControlNet id of the model (see capabilities).")
+    ] = None,
+    control_image: Annotated[
+        Path | None, typer.Option(help="With --controlnet: its control map (or photo).")
+    ] = None,
+    canny: Annotated[
+        bool, typer.Option(help="With --controlnet: take Canny edges of --control-image.")
+    ] = False,
+    control_scale: Annotated[
+        float | None, typer.Option(help="With --controlnet: its weight (default 1.0).")
+    ] = None,
     out: Out = DEFAULT_OUT,
     preview_dir: PreviewDir = None,
     url: Url = "http://127.0.0.1:8000",
     api_key: ApiKey = None,
 ) -> None:
     """Generate images, showing every step as it happens."""
-    body = _body(model, prompt, n, size, steps, seed, negative_prompt, scheduler)
+    extras: dict[str, Any] = {}
+    if refiner:
+        extras["refiner"] = {} if switch_at is None else {"switch_at": switch_at}
+    if controlnet is not None:
+        if control_image is None:
+            _fail(EXIT_REFUSED, "--controlnet needs --control-image")
+        control: dict[str, Any] = {"id": controlnet, "image": _data_url(control_image)}
+        if canny:
+            control["preprocessor"] = "canny"
+        if control_scale is not None:
+            control["scale"] = control_scale
+        extras["controlnet"] = [control]
+    body = _body(model, prompt, n, size, steps, seed, negative_prompt, scheduler, **extras)
     _run_streamed(body, out, preview_dir, url, api_key)
 
 

@@ -295,13 +295,16 @@ def build_sdxl(path: Path, preset: TinyPreset) -> None:
     taesd.save_pretrained(path / "taesd", safe_serialization=True)
 
 
-def _unet(preset: TinyPreset) -> UNet2DConditionModel:
-    """The preset's UNet, seeded so the same preset always has the same weights."""
+def _unet(preset: TinyPreset, refiner: bool = False) -> UNet2DConditionModel:
+    """The preset's UNet, seeded so the same preset always has the same weights; `refiner`:
+    the refiner's, conditioned on text encoder 2 alone (its hidden size, not both encoders')
+    and on 5 time ids (the aesthetic score in place of the 2 target-size ones)."""
     import torch
     from diffusers import UNet2DConditionModel
 
     hidden, time_dim = preset.text_hidden, 8
-    torch.manual_seed(0)
+    time_ids, context = (5, hidden) if refiner else (6, 2 * hidden)
+    torch.manual_seed(10 if refiner else 0)
     unet = UNet2DConditionModel(
         sample_size=16,
         in_channels=preset.unet_in_channels,
@@ -315,8 +318,8 @@ def _unet(preset: TinyPreset) -> UNet2DConditionModel:
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=time_dim,
-        projection_class_embeddings_input_dim=6 * time_dim + hidden,
-        cross_attention_dim=2 * hidden,
+        projection_class_embeddings_input_dim=time_ids * time_dim + hidden,
+        cross_attention_dim=context,
         norm_num_groups=8,
     )
     return unet
@@ -442,34 +445,11 @@ def build_tiny_controlnet(path: Path) -> None:
 
 def build_tiny_refiner(path: Path, root: Path | None = None) -> None:
     """Build `tiny-refiner` under `path` from `tiny` (built first, under the same root)."""
-    import torch
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionXLImg2ImgPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
     base = resolve_builtin("tiny", root)
-    tiny, time_dim = PRESETS["tiny"], 8
-    torch.manual_seed(10)
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=tiny.unet_channels,
-        layers_per_block=tiny.unet_layers,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=time_dim,
-        projection_class_embeddings_input_dim=5 * time_dim + tiny.text_hidden,
-        cross_attention_dim=tiny.text_hidden,
-        norm_num_groups=8,
-    )
+    unet = _unet(PRESETS["tiny"], refiner=True)
     text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(base / "text_encoder_2")
     pipe = StableDiffusionXLImg2ImgPipeline(
         vae=AutoencoderKL.from_pretrained(base / "vae"),

@@ -116,6 +116,30 @@ def test_edit_failures_are_one_line_with_an_exit_code(app_url: str, tmp_path: Pa
         assert "No such file" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
 
 
+def test_generate_with_the_refiner_and_a_controlnet_equals_the_api(
+    app_url: str, tmp_path: Path
+) -> None:
+    control, out = tmp_path / "control.png", tmp_path / "refined.png"
+    picture().save(control)
+    args = ["generate", "a lighthouse", "--refiner", "--switch-at", "0.6",
+            "--controlnet", "tiny-canny", "--control-image", str(control), "--canny",
+            "--control-scale", "0.7", "--steps", "6", "--seed", "9", "--url", app_url,
+            "--out", str(out)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    api = httpx.post(
+        f"{app_url}/v1/generate",
+        json={"model": "tiny", "prompt": "a lighthouse", "steps": 6, "seed": 9,
+              "refiner": {"switch_at": 0.6},
+              "controlnet": [{"id": "tiny-canny", "image": png(picture()),
+                              "preprocessor": "canny", "scale": 0.7}]},
+        timeout=120,
+    ).json()  # fmt: skip
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(decode(api["images"][0]["b64"])))
+    missing = runner.invoke(app, ["generate", "x", "--controlnet", "tiny-canny", "--url", app_url])
+    assert missing.exit_code == 2 and "--control-image" in missing.output
+
+
 def test_models_and_health(app_url: str) -> None:
     listed = runner.invoke(app, ["models", "--url", app_url])
     assert listed.exit_code == 0 and "tiny" in listed.stdout and "cached" in listed.stdout

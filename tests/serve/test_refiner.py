@@ -35,7 +35,18 @@ def test_refiner_over_json_stream_and_handle(
     assert np.array_equal(image_pixels(via_json), image_pixels(via_handle))
     assert not np.array_equal(image_pixels(via_json), image_pixels(post(client, BASE)))
     defaults = post(client, {**BASE, "refiner": {}})  # the model's refiner at its switch_at
-    assert defaults["metadata"]["request"]["refiner"]["model"] == "tiny-refiner"
+    resolved = defaults["metadata"]["request"]
+    assert resolved["refiner"] == {
+        "model": "tiny-refiner",
+        "switch_at": 0.8,
+        "aesthetic_score": 6.0,
+        "negative_aesthetic_score": 2.5,
+    }
+    again = post(client, resolved)
+    assert np.array_equal(image_pixels(again), image_pixels(defaults))
+    digests = defaults["metadata"]["components"]
+    assert "refiner/unet/diffusion_pytorch_model.safetensors" in digests["refiner_unet"]
+    assert "controlnet:tiny-canny/config.json" in digests["controlnet:tiny-canny"]
 
 
 def test_refined_and_plain_requests_together_match_alone(client: httpx.Client) -> None:
