@@ -73,13 +73,18 @@ _KOHYA_TARGETS = ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")  # tiny-lo
 # sees its effect in the pixels (PEFT starts lora_B at zero, a no-op).
 _LORA_UP_STD = 0.3
 
-# ControlNet output convolutions: zero in a fresh ControlNet (a no-op); this std makes tiny's steer.
-_CONTROLNET_STD = 0.3
+# A fresh ControlNet is a no-op: its output convolutions start at zero. With std 0.1 on them,
+# tiny-controlnet moves the UNet's output by ~65%, and two different edge maps ~40% apart.
+_CONTROLNET_STD = 0.1
 _CONTROLNET_OUTPUTS = (
     "controlnet_down_blocks",
     "controlnet_mid_block",
     "controlnet_cond_embedding.conv_out",
 )
+# The conditioning embedding's other convolutions get std gain/sqrt(fan_in): with the default
+# init the control map's signal fades over its 7 convolutions, so the map itself barely mattered.
+_CONTROLNET_EMBEDDING = "controlnet_cond_embedding."
+_CONTROLNET_EMBEDDING_GAIN = 2.0
 
 # SDXL base 1.0's scheduler_config.json, so the tiny model steps through the same timesteps.
 SDXL_SCHEDULER_CONFIG: dict[str, object] = {
@@ -427,7 +432,9 @@ def build_tiny_lora_kohya(path: Path) -> None:
 
 
 def build_tiny_controlnet(path: Path) -> None:
-    """Build `tiny-controlnet` under `path` (config.json + diffusion_pytorch_model.safetensors)."""
+    """Build `tiny-controlnet` under `path` (config.json + diffusion_pytorch_model.safetensors):
+    `tiny`'s UNet as a ControlNet whose conditioning embedding downsamples 3 times, to the latent
+    size of tiny's VAE (scale factor 8), with seeded random weights where a fresh one has zeros."""
     import torch
     from diffusers import ControlNetModel
 
@@ -439,7 +446,12 @@ def build_tiny_controlnet(path: Path) -> None:
     with torch.no_grad():
         for name, param in controlnet.named_parameters():
             if name.startswith(_CONTROLNET_OUTPUTS):
-                param.copy_(torch.randn(param.shape, generator=generator) * _CONTROLNET_STD)
+                std = _CONTROLNET_STD
+            elif name.startswith(_CONTROLNET_EMBEDDING) and name.endswith(".weight"):
+                std = _CONTROLNET_EMBEDDING_GAIN / param[0].numel() ** 0.5
+            else:
+                continue
+            param.copy_(torch.randn(param.shape, generator=generator) * std)
     controlnet.save_pretrained(path, safe_serialization=True)
 
 

@@ -4,11 +4,14 @@ This module owns the road from a model source to `ModelWeights`: one `ComponentW
 pipeline component, holding its config, its tensors as raw bytes in numpy (`TensorBlob`) and small
 side files (tokenizers, image processors). It reads the diffusers layout (model_index.json, a
 folder per component, the variant's weight files or the full ones, sharded or not) plus optional
-extra components such as the preview decoder, a VAE that replaces the checkpoint's, and a
-configured IP-Adapter (its CLIP vision encoder and its weights file), and refuses pickle weights
-unless a model opts in. Every component keeps the sha256 of each file read for it. `load_suite` is
-everything a model configures, its LoRAs included (`shared.weights.loras`); ModelCache `ray.put`s
-each component as is. The containers themselves live in `shared.weights.components`.
+extra components such as the preview decoder, a VAE that replaces the checkpoint's, the
+model's ControlNets (`controlnet:<id>`, each a diffusers ControlNetModel folder: a subfolder of the
+source or a source of its own, required once configured) and a configured IP-Adapter (its CLIP
+vision encoder and its weights file), and refuses pickle weights unless a model opts in. Every
+component keeps the sha256 of each file read for it (a ControlNet from another source under
+`controlnet:<id>/...`). `load_suite` is everything a model configures, its LoRAs included
+(`shared.weights.loras`); ModelCache `ray.put`s each component as is. The containers themselves
+live in `shared.weights.components`.
 
 Opening sources and reading files with checksums live in `shared.weights.sources`, parsing
 checkpoint files in `shared.weights.tensor_files`, and building torch modules, tokenizers and
