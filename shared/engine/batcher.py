@@ -186,6 +186,10 @@ class StepBatcher:
                 request = self._waiting.popleft()
                 self._active.append(request)
                 admitted.append(request)
+            # Admitted requests leave the queue now; until this iteration ends and the plan is
+            # rebuilt, ETAs must still see them as running, or a request queued meanwhile is
+            # promised a slot they hold.
+            self._plan = [*self._plan, *((r.images, r.job.steps) for r in admitted)]
             return admitted
 
     def _fits(self, request: _Request) -> bool:
