@@ -43,15 +43,7 @@ from shared.api.http_errors import (
     new_request_id,
     to_serve_error,
 )
-from shared.api.images import decode_image, rgb_pixels
 from shared.api.jobs import DenoiseJob, RefinerHandoff, multiplexed_id
-from shared.api.request_images import (
-    DecodedImages,
-    decode_images,
-    image_prompt_pixels,
-    job_images,
-    with_image_size,
-)
 from shared.api.routes import Backend, build_api
 from shared.api.schemas import (
     Event,
@@ -62,9 +54,17 @@ from shared.api.schemas import (
     ResultEvent,
     ResultMetadata,
 )
-from shared.api.validation import check_remote_request, parse_request, resolve_request
 from shared.config import AppConfig, LimitsConfig, ModelConfig, OpenAIImagesConfig
 from shared.errors import BusyError, InvalidRequestError, ServeError, UnavailableError
+from shared.intake.images import decode_image, rgb_pixels
+from shared.intake.request_images import (
+    DecodedImages,
+    decode_images,
+    image_prompt_pixels,
+    job_images,
+    with_image_size,
+)
+from shared.intake.resolve import check_remote_request, parse_request, resolve_request
 from shared.providers.config import ProviderConfigBase
 from shared.storage import OutputStore
 

@@ -14,19 +14,20 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from shared.api.control_maps import PREPROCESSORS, Preprocessor
-from shared.api.request_images import DecodedImages
 from shared.api.schemas import IMAGE_INPUTS, GenerateRequest, ImageDigest, RequestRecord
 from shared.api.vocabulary import (
     IMAGE_FORMATS,
+    PREPROCESSORS,
     PREVIEW_KINDS,
     SAMPLERS,
     SCHEDULER_NAMES,
     ImageFormat,
+    Preprocessor,
     PreviewKind,
     SchedulerName,
 )
 from shared.config import AppConfig, BatchingConfig, LimitsConfig, ModelConfig
+from shared.intake.request_images import DecodedImages
 
 # What a provider model refuses at the edge (`check_remote_request`): every image input.
 PROVIDER_REFUSED = (*IMAGE_INPUTS, "noise_mask", "controlnet", "loras", "refiner")

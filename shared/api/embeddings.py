@@ -13,9 +13,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from shared.api.schemas import FieldConflict
-from shared.api.validation import from_validation_error
 from shared.config import LimitsConfig
 from shared.errors import InvalidRequestError
+from shared.intake.resolve import from_validation_error
 
 EncodingFormat = Literal["float", "base64"]
 MAX_INPUTS = 64

@@ -23,13 +23,13 @@ from pydantic import Field, ValidationError
 from starlette.datastructures import FormData, Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from shared.api.images import alpha_channel, decode_image
 from shared.api.openai_images import ImagesRequest, to_generate_request
 from shared.api.schemas import GenerateRequest
-from shared.api.validation import from_validation_error
 from shared.config import LimitsConfig, OpenAIImagesConfig
 from shared.errors import InvalidRequestError, MalformedRequestError, UnsupportedMediaTypeError
 from shared.imaging import encode_image
+from shared.intake.images import alpha_channel, decode_image
+from shared.intake.resolve import from_validation_error
 
 FORM = "multipart/form-data"
 # The SDK sends one image as `image` and a list as `image[]`.

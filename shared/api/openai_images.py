@@ -30,11 +30,11 @@ from shared.api.schemas import (
     ResultEvent,
     StepEvent,
 )
-from shared.api.validation import from_validation_error, parse_request
 from shared.api.vocabulary import ImageFormat, SchedulerName
 from shared.config import OpenAIImagesConfig
 from shared.errors import InvalidRequestError, ServeError
 from shared.imaging import encode_image
+from shared.intake.resolve import from_validation_error, parse_request
 from shared.storage import OutputStore
 
 Quality = Literal["low", "medium", "high", "auto", "standard", "hd"]

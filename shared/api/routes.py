@@ -40,7 +40,6 @@ from shared.api.http_errors import (
     request_id_of,
     to_serve_error,
 )
-from shared.api.noise_masks import pattern_catalog
 from shared.api.openai_edits import FORM, ImagesEditRequest, edit_form_schema, edit_request
 from shared.api.openai_images import (
     ImagesGenerationRequest,
@@ -63,7 +62,6 @@ from shared.api.schemas import (
     ResultEvent,
     StepEvent,
 )
-from shared.api.validation import parse_body, parse_request
 from shared.api.wire import (
     FRAME_BOUNDARY,
     FRAMES,
@@ -79,6 +77,8 @@ from shared.errors import (
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
+from shared.intake.noise_masks import pattern_catalog
+from shared.intake.resolve import parse_body, parse_request
 from shared.storage import OutputStore
 
 logger = logging.getLogger("ray.serve")

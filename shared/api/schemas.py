@@ -2,7 +2,7 @@
 
 The same objects flow through Ray `DeploymentHandle`s and are encoded per HTTP content type by the
 Router (JSON, NDJSON, SSE). Static shape rules live here; limits that come from configuration are
-checked by `shared.api.validation`.
+checked by `shared.intake.resolve`.
 """
 
 from __future__ import annotations
@@ -12,9 +12,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shared.api.control_maps import Preprocessor
-from shared.api.noise_masks import NoiseMaskName
-from shared.api.vocabulary import ImageFormat, PreviewKind, SchedulerName
+from shared.api.vocabulary import (
+    ImageFormat,
+    NoiseMaskName,
+    Preprocessor,
+    PreviewKind,
+    SchedulerName,
+)
 
 
 class FieldConflict(ValueError):

@@ -1,5 +1,6 @@
-"""The vocabularies of the contract, each defined once: preview kinds, image formats and sampler
-names. Schemas type their fields with these literals; everything else imports them from here.
+"""The vocabularies of the contract, each defined once: preview kinds, image formats, sampler
+names, ControlNet preprocessors and noise-mask patterns.
+Schemas type their fields with these literals; everything else imports them from here.
 
 Sampler names map to diffusers scheduler class names and options as plain strings, so the Router
 can validate `scheduler` without importing diffusers; the engine builds the scheduler with
@@ -17,6 +18,24 @@ SchedulerName = Literal[
 PREVIEW_KINDS: tuple[PreviewKind, ...] = get_args(PreviewKind)
 IMAGE_FORMATS: tuple[ImageFormat, ...] = get_args(ImageFormat)
 SCHEDULER_NAMES: tuple[SchedulerName, ...] = get_args(SchedulerName)
+
+# ControlNet image preprocessors (`controlnet[].preprocessor`).
+Preprocessor = Literal["none", "canny"]
+PREPROCESSORS: tuple[Preprocessor, ...] = get_args(Preprocessor)
+
+# Noise-injection mask patterns (`noise_mask.pattern`); shared.intake.noise_masks draws them.
+NoiseMaskName = Literal[
+    "circle",
+    "square",
+    "edges",
+    "ring",
+    "diamond",
+    "radial",
+    "gradient",
+    "vertical_gradient",
+    "checkerboard",
+]
+NOISE_MASK_NAMES: tuple[NoiseMaskName, ...] = get_args(NoiseMaskName)
 
 SAMPLERS: dict[SchedulerName, tuple[str, dict[str, Any]]] = {
     "euler": ("EulerDiscreteScheduler", {}),

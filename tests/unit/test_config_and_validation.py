@@ -11,14 +11,14 @@ import pytest
 import yaml
 
 from shared.api.schemas import GenerateRequest
-from shared.api.validation import (
+from shared.config import AppConfig, ControlNetConfig, LimitsConfig, ModelConfig
+from shared.errors import InvalidRequestError, MalformedRequestError, PayloadTooLargeError
+from shared.intake.resolve import (
     check_remote_request,
     parse_body,
     parse_request,
     resolve_request,
 )
-from shared.config import AppConfig, ControlNetConfig, LimitsConfig, ModelConfig
-from shared.errors import InvalidRequestError, MalformedRequestError, PayloadTooLargeError
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = [REPO / "serve_config.yaml", *sorted((REPO / "cluster").glob("serve_config*.yaml"))]

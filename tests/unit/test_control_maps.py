@@ -14,12 +14,13 @@ import pytest
 from PIL import Image
 
 from shared.api.capabilities import request_record
-from shared.api.control_maps import PREPROCESSORS, control_map
-from shared.api.images import fit_image
-from shared.api.request_images import decode_images, job_images, with_image_size
 from shared.api.schemas import GenerateRequest
+from shared.api.vocabulary import PREPROCESSORS
 from shared.config import LimitsConfig
 from shared.errors import InvalidRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
+from shared.intake.control_maps import control_map
+from shared.intake.images import fit_image
+from shared.intake.request_images import decode_images, job_images, with_image_size
 
 LIMITS = LimitsConfig()
 

@@ -1,5 +1,6 @@
-"""Image intake (shared/api/images.py): every bad input is refused with the right status and code,
-fast and without decoding it; good inputs come back normalised, fitted and as diffusers' masks."""
+"""Image intake (shared/intake/images.py): every bad input is refused with the right status and
+code, fast and without decoding it; good inputs come back normalised, fitted and as diffusers'
+masks."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from shared.api.images import (
+from shared.config.models import LimitsConfig
+from shared.errors import ServeError
+from shared.intake.images import (
     alpha_channel,
     decode_image,
     decode_mask,
@@ -27,8 +30,6 @@ from shared.api.images import (
     rgb_pixels,
     size_from_image,
 )
-from shared.config.models import LimitsConfig
-from shared.errors import ServeError
 
 LIMITS = LimitsConfig()
 FAST_S = 0.05  # "answered in milliseconds": generous for a loaded CI box, far below a decode
@@ -311,7 +312,7 @@ def test_decode_rgb_and_decode_mask_fit_to_the_request() -> None:
 
 def test_intake_imports_no_gpu_stack() -> None:
     script = (
-        "import sys, shared.api.images, shared.api.noise_masks\n"
+        "import sys, shared.intake.images, shared.intake.noise_masks\n"
         "print([m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules])"
     )
     repo = Path(__file__).resolve().parents[2]

@@ -1,4 +1,4 @@
-"""Noise-injection mask patterns (shared/api/noise_masks.py): well-formed at any size, the shapes
+"""Noise-injection mask patterns (shared/intake/noise_masks.py): well-formed at any size, the shapes
 their names promise, a catalog with decodable previews, and a 422 for an unknown name."""
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared.api.noise_masks import (
+from shared.errors import InvalidRequestError
+from shared.intake.noise_masks import (
     NOISE_MASK_NAMES,
     NOISE_MASK_PATTERNS,
     pattern_catalog,
     pattern_mask,
 )
-from shared.errors import InvalidRequestError
 
 SIZES = [(8, 8), (64, 64), (96, 40), (40, 96), (1024, 768)]
 

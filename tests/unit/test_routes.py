@@ -31,8 +31,6 @@ from shared.api.embeddings import (
     embeddings_response,
     is_image_input,
 )
-from shared.api.noise_masks import NOISE_MASK_NAMES
-from shared.api.request_images import decode_images
 from shared.api.routes import build_api, noise_mask_list
 from shared.api.schemas import (
     EncodedImage,
@@ -57,6 +55,8 @@ from shared.errors import (
     ServeError,
     UnavailableError,
 )
+from shared.intake.noise_masks import NOISE_MASK_NAMES
+from shared.intake.request_images import decode_images
 
 pytestmark = pytest.mark.anyio
 BODY = {"model": "tiny", "prompt": "a cat"}

@@ -10,25 +10,13 @@ ellipse) on a non-square image. Gradients are the exception: they span the full 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, NamedTuple, get_args
+from typing import NamedTuple
 
 import numpy as np
 
+from shared.api.vocabulary import NOISE_MASK_NAMES
 from shared.errors import InvalidRequestError
 from shared.imaging import encode_image, to_pil
-
-NoiseMaskName = Literal[
-    "circle",
-    "square",
-    "edges",
-    "ring",
-    "diamond",
-    "radial",
-    "gradient",
-    "vertical_gradient",
-    "checkerboard",
-]
-NOISE_MASK_NAMES: tuple[NoiseMaskName, ...] = get_args(NoiseMaskName)
 
 _EDGE_BAND = 0.125  # border width of `edges`, as a fraction of the shorter side
 _CHECKER_CELLS = 8  # checkerboard cells across the shorter side

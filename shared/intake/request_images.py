@@ -2,11 +2,11 @@
 Router runs it (in a worker thread) before anything is queued, so a bad image is a 4xx and costs
 no replica time.
 
-Every image goes through `shared.api.images` (formats by their bytes, pixel caps from the header,
+Every image goes through `shared.intake.images` (formats by their bytes, pixel caps from the header,
 EXIF orientation). A request that gives no width/height takes them from its init or start image,
 else its first control image (`size_from_image`); the images are then fitted to the request's
 size by `fit_image`'s rule (scale to cover, crop the centre), and control images preprocessed
-into control maps (`shared.api.control_maps`).
+into control maps (`shared.intake.control_maps`).
 """
 
 from __future__ import annotations
@@ -17,20 +17,20 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from shared.api.control_maps import control_map
-from shared.api.images import (
+from shared.api.jobs import ControlInput, NoiseInjection
+from shared.api.schemas import GenerateRequest
+from shared.config import LimitsConfig
+from shared.errors import InvalidRequestError
+from shared.intake.control_maps import control_map
+from shared.intake.images import (
     decode_image,
     fit_image,
     mask_pixels,
     rgb_pixels,
     size_from_image,
 )
-from shared.api.jobs import ControlInput, NoiseInjection
-from shared.api.noise_masks import pattern_mask
-from shared.api.schemas import GenerateRequest
-from shared.api.validation import check_controlnet_count
-from shared.config import LimitsConfig
-from shared.errors import InvalidRequestError
+from shared.intake.noise_masks import pattern_mask
+from shared.intake.resolve import check_controlnet_count
 
 IMG2IMG_STRENGTH = 0.8  # A1111's and most UIs' default; diffusers' img2img example uses 0.3-0.8
 INPAINT_STRENGTH = 1.0  # repaint the masked region from noise (9-channel models expect it)

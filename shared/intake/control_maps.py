@@ -8,13 +8,10 @@ edges stacked to three channels.
 
 from __future__ import annotations
 
-from typing import Literal, get_args
-
 import cv2
 import numpy as np
 
-Preprocessor = Literal["none", "canny"]
-PREPROCESSORS: tuple[Preprocessor, ...] = get_args(Preprocessor)
+from shared.api.vocabulary import Preprocessor
 
 
 def control_map(
