@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +23,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.model_cache import fetch_components
 from shared.api.jobs import PromptEmbeddings
+from shared.caching import ByteLRU
 from shared.config import AppConfig
 from shared.errors import InvalidRequestError
 from shared.weights.loader import REFINER_INDEX, TEXT_COMPONENTS
@@ -98,12 +98,17 @@ class ClipEncoder:
         self._device = pick_device(len(ray.get_gpu_ids()))  # a GPU only if the config gives one
         self._encoders: dict[str, _Encoders] = {}
         self._locks = {m.id: asyncio.Lock() for m in config.models}
-        self._lru: OrderedDict[CacheKey, Any] = OrderedDict()
-        self._lru_size = config.encoder.cache_entries
+        self._lru = ByteLRU(config.encoder.cache_entries, config.encoder.cache_bytes)
         for batch in (self._encode_batch, self._image_batch, self._text_embed_batch):
             batch.set_max_batch_size(config.encoder.batch_max_size)
             batch.set_batch_wait_timeout_s(config.encoder.batch_wait_timeout_s)
         self._cache_hits = metrics.Counter("encoder_cache_hits", description="Embedding LRU hits.")
+        self._cache_bytes = metrics.Gauge(
+            "encoder_cache_bytes", description="Bytes held by the embedding LRU."
+        )
+        self._cache_entries = metrics.Gauge(
+            "encoder_cache_entries", description="Entries in the embedding LRU."
+        )
         self._batch_sizes = metrics.Histogram(
             "encoder_batch_size",
             description="Inputs per encoder batch.",
@@ -279,15 +284,12 @@ class ClipEncoder:
     # ---------------------------------------------------------------------------------- LRU
 
     def _recall(self, key: CacheKey) -> Any:
-        if key not in self._lru:
-            return None
-        self._lru.move_to_end(key)
-        self._cache_hits.inc()
-        return self._lru[key]
+        value = self._lru.get(key)
+        if value is not None:
+            self._cache_hits.inc()
+        return value
 
     def _remember(self, key: CacheKey, value: Any) -> None:
-        if self._lru_size == 0:
-            return
-        self._lru[key] = value
-        while len(self._lru) > self._lru_size:
-            self._lru.popitem(last=False)
+        self._lru.put(key, value)
+        self._cache_bytes.set(self._lru.bytes)
+        self._cache_entries.set(len(self._lru))

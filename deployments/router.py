@@ -55,8 +55,16 @@ from shared.api.schemas import (
     ResultMetadata,
 )
 from shared.config import AppConfig, LimitsConfig, ModelConfig, OpenAIImagesConfig
-from shared.errors import BusyError, InvalidRequestError, ServeError, UnavailableError
+from shared.errors import (
+    BusyError,
+    InvalidRequestError,
+    NotFoundError,
+    ServeError,
+    UnavailableError,
+)
+from shared.intake.decode_pool import decode_pool
 from shared.intake.images import decode_image, rgb_pixels
+from shared.intake.json_body import check_tree
 from shared.intake.request_images import (
     DecodedImages,
     decode_images,
@@ -151,6 +159,36 @@ def _finish(
     return event
 
 
+def _refiner_handoff(request: GenerateRequest, embeddings: Any) -> RefinerHandoff:
+    """The resolved `refiner` as the job carries it, with the prompt pair encoded the way the
+    refiner's checkpoint encodes an empty negative."""
+    spec = request.refiner
+    assert spec is not None and spec.switch_at is not None
+    assert spec.aesthetic_score is not None and spec.negative_aesthetic_score is not None
+    return RefinerHandoff(
+        switch_at=spec.switch_at,
+        aesthetic_score=spec.aesthetic_score,
+        negative_aesthetic_score=spec.negative_aesthetic_score,
+        embeddings=embeddings,
+    )
+
+
+async def _all_of(calls: dict[str, Any]) -> dict[str, Any]:
+    """Every response's answer by name. All are awaited whatever happens, and on a failure or a
+    cancel the rest are cancelled: an answer left unawaited is a "Task exception was never
+    retrieved" traceback once the client has gone."""
+    try:
+        answers = await asyncio.gather(*calls.values(), return_exceptions=True)
+    except BaseException:
+        for response in calls.values():
+            response.cancel()
+        raise
+    for answer in answers:
+        if isinstance(answer, BaseException):
+            raise answer
+    return dict(zip(calls, answers, strict=True))
+
+
 @dataclass
 class _Resolved:
     """A local request through the intake, as validate answers it and a job is built from it."""
@@ -208,13 +246,13 @@ class Router:
 
     async def generate(self, request: GenerateRequest | dict[str, Any]) -> GenerateResponse:
         """Generate and return the whole response; raises a ServeError subclass on failure."""
-        return await self.generate_response(parse_request(request), new_request_id())
+        return await self.generate_response(self._handle_request(request), new_request_id())
 
     async def stream(self, request: GenerateRequest | dict[str, Any]) -> AsyncIterator[Event]:
         """Yield StepEvents then a ResultEvent; a failure is the last event, an ErrorEvent."""
         request_id = new_request_id()
         try:
-            async for event in self.stream_events(parse_request(request), request_id):
+            async for event in self.stream_events(self._handle_request(request), request_id):
                 yield event
         except ServeError as exc:
             yield error_event(exc, request_id)
@@ -224,9 +262,19 @@ class Router:
 
     async def embeddings(self, request: EmbeddingsRequest | dict[str, Any]) -> EmbeddingsResponse:
         """CLIP embeddings of texts and images, as POST /v1/embeddings answers them."""
+        limits = self._config.limits
         if not isinstance(request, EmbeddingsRequest):
-            request = parse_embeddings_request(request, self._config.limits)
+            check_tree(request, limits)
+            request = parse_embeddings_request(request, limits)
+        else:
+            check_tree(request.model_dump(), limits)
         return await self.create_embeddings(request, new_request_id())
+
+    def _handle_request(self, request: GenerateRequest | dict[str, Any]) -> GenerateRequest:
+        """A handle caller's request under the limits and text rule an HTTP body is held to."""
+        body = request.model_dump() if isinstance(request, GenerateRequest) else request
+        check_tree(body, self.limits)
+        return parse_request(request)
 
     # ---- Backend (the HTTP routes call these) ---------------------------------------------
 
@@ -303,7 +351,8 @@ class Router:
     ) -> EmbeddingsResponse:
         try:
             model = self._model(request.model)
-            items = await asyncio.to_thread(_embedding_items, request, self._config.limits)
+            limits = self._config.limits
+            items = await decode_pool(limits).run(_embedding_items, request, limits)
             vectors, tokens = await self._encoder.embed.remote(model.id, items)
         except Exception as exc:
             raise _from_ray(exc, request_id) from None
@@ -384,8 +433,9 @@ class Router:
         """Everything before encoding: images decoded and checked, every default filled in,
         limits and the model's abilities checked. Generation and validation share it."""
         limits = self._config.limits
-        # Images are decoded off the event loop: a large PNG takes tens of milliseconds.
-        images = await asyncio.to_thread(decode_images, request, limits)
+        # Images are decoded in the bounded, low-priority intake pool, never on the event loop.
+        pool = decode_pool(limits)
+        images = await pool.run(decode_images, request, limits)
         request = with_image_size(request, images, limits)
         size = await self._default_size(model, request)
         request = resolve_request(request, model, limits, size)
@@ -396,19 +446,22 @@ class Router:
                 code="image_prompt_unsupported",
                 param="image_prompt",
             )
-        return await asyncio.to_thread(_fit_images, request, images)
+        return await pool.run(_fit_images, request, images)
 
     async def _estimate(self, request: GenerateRequest, model: ModelConfig) -> Estimate:
         """Queue and run time from the step times measured on the replica that would take the
         request; peak memory from the weights the cache holds (see `Estimate`)."""
         assert request.width and request.height
         handle = self._pipeline.options(multiplexed_model_id=model.id)
-        timing, states = await asyncio.gather(
-            handle.estimate.remote(
-                model.id, request.width, request.height, _steps_run(request), request.n
-            ),
-            self._cache.status.remote(),
+        answers = await _all_of(
+            {
+                "timing": handle.estimate.remote(
+                    model.id, request.width, request.height, _steps_run(request), request.n
+                ),
+                "states": self._cache.status.remote(),
+            }
         )
+        timing, states = answers["timing"], answers["states"]
         weights = states.get(model.id, {}).get("bytes", 0)
         size = (request.width, request.height)
         peak = peak_memory_bytes(weights, request.n, request.guidance_scale, *size, model.dtype)
@@ -530,15 +583,20 @@ class Router:
         assert request.seed is not None and request.width and request.height and request.steps
         fields = dict(resolved.fields)
         prompt = image_prompt_pixels(resolved.images)
-        text = self._encoder.encode.remote(model.id, request.prompt, request.negative_prompt)
+        pair = (model.id, request.prompt, request.negative_prompt)
+        calls = {"text": self._encoder.encode.remote(*pair)}
         if request.refiner is not None:
-            fields["refiner"] = await self._refiner_handoff(request, model)
+            # The refiner's checkpoint may encode an empty negative differently.
+            calls["refiner"] = self._encoder.encode.remote(*pair, True)
         if prompt is not None:
-            image = self._encoder.encode_image.remote(model.id, prompt)
-            embeddings, fields["image_embeds"] = await asyncio.gather(text, image)
+            calls["image"] = self._encoder.encode_image.remote(model.id, prompt)
+        answers = await _all_of(calls)
+        embeddings = answers["text"]
+        if request.refiner is not None:
+            fields["refiner"] = _refiner_handoff(request, answers["refiner"])
+        if prompt is not None:
+            fields["image_embeds"] = answers["image"]
             fields["image_prompt_scale"] = request.image_prompt_scale
-        else:
-            embeddings = await text
         return DenoiseJob(
             id=request_id,
             model=model.id,
@@ -559,24 +617,6 @@ class Router:
             **fields,
         )
 
-    async def _refiner_handoff(
-        self, request: GenerateRequest, model: ModelConfig
-    ) -> RefinerHandoff:
-        """The resolved `refiner` as the job carries it, with the prompt pair encoded the way
-        the refiner's checkpoint encodes an empty negative."""
-        spec = request.refiner
-        assert spec is not None and spec.switch_at is not None
-        assert spec.aesthetic_score is not None and spec.negative_aesthetic_score is not None
-        embeddings = await self._encoder.encode.remote(
-            model.id, request.prompt, request.negative_prompt, True
-        )
-        return RefinerHandoff(
-            switch_at=spec.switch_at,
-            aesthetic_score=spec.aesthetic_score,
-            negative_aesthetic_score=spec.negative_aesthetic_score,
-            embeddings=embeddings,
-        )
-
     def _image_prompt_models(self) -> list[str]:
         return [m.id for m in self._config.models if m.ip_adapter is not None]
 
@@ -585,7 +625,7 @@ class Router:
         if model is None:
             remote = [f"{p.name}/{m}" for p in self._config.providers for m in p.models]
             known = ", ".join(sorted(self._local) + remote)
-            raise InvalidRequestError(
+            raise NotFoundError(
                 f"unknown model {model_id!r}; available models: {known}",
                 code="model_not_found",
                 param="model",

@@ -10,7 +10,6 @@ alpha plays that part; an image with no transparent pixel is edited as a whole (
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import re
 from collections.abc import AsyncGenerator
@@ -28,8 +27,10 @@ from shared.api.schemas import GenerateRequest
 from shared.config import LimitsConfig, OpenAIImagesConfig
 from shared.errors import InvalidRequestError, MalformedRequestError, UnsupportedMediaTypeError
 from shared.imaging import encode_image
+from shared.intake.decode_pool import decode_pool
 from shared.intake.images import alpha_channel, decode_image
 from shared.intake.resolve import from_validation_error
+from shared.intake.text import check_text
 
 FORM = "multipart/form-data"
 # The SDK sends one image as `image` and a list as `image[]`.
@@ -96,8 +97,8 @@ async def edit_request(
         request, image, mask = await _read_form(form)
     finally:
         await form.close()
-    # Decoding a large image takes long enough to stall every other request on the loop.
-    generate_request = await asyncio.to_thread(
+    # Decoded in the bounded intake pool: a large image would stall every request on the loop.
+    generate_request = await decode_pool(limits).run(
         to_edit_generate_request, request, image, mask, config, limits, can_store
     )
     return request, generate_request
@@ -141,6 +142,7 @@ async def _read_form(form: FormData) -> tuple[ImagesEditRequest, Upload, Upload 
         elif key in fields:
             raise InvalidRequestError(f"{key} is given more than once", param=key)
         else:
+            check_text(value, key)
             fields[key] = value
     if not images:
         raise InvalidRequestError(

@@ -114,7 +114,9 @@ def to_generate_request(
             param="response_format",
         )
     width, height = _size(request.size)
-    steps = request.steps or config.quality_steps.get(request.quality, config.default_steps)
+    steps = request.steps
+    if steps is None:  # 0 is not "unset": it is refused with the other out-of-range counts
+        steps = config.quality_steps.get(request.quality, config.default_steps)
     fields: dict[str, Any] = {
         "model": request.model,
         "prompt": request.prompt,

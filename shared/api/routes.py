@@ -77,8 +77,9 @@ from shared.errors import (
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
+from shared.intake.json_body import check_tree, parse_json_object
 from shared.intake.noise_masks import pattern_catalog
-from shared.intake.resolve import parse_body, parse_request
+from shared.intake.resolve import parse_request
 from shared.storage import OutputStore
 
 logger = logging.getLogger("ray.serve")
@@ -152,16 +153,17 @@ async def limited_body(request: Request, max_bytes: int) -> AsyncGenerator[bytes
         yield chunk
 
 
-async def read_json_body(request: Request, max_bytes: int) -> dict[str, Any]:
-    """The JSON object body, refusing a wrong media type (415) or an oversized body (413)."""
+async def read_json_body(request: Request, limits: LimitsConfig) -> dict[str, Any]:
+    """The JSON object body, refusing a wrong media type (415), an oversized body (413), and
+    anything `parse_json_object` refuses (400/422)."""
     media_type = request.headers.get("content-type", "application/json").split(";")[0].strip()
     media_type = media_type.lower()
     if media_type not in JSON_TYPES and not media_type.endswith("+json"):
         raise UnsupportedMediaTypeError(
             f"content-type {media_type!r} is not accepted here; send application/json"
         )
-    chunks = [chunk async for chunk in limited_body(request, max_bytes)]
-    return parse_body(b"".join(chunks), max_bytes)
+    chunks = [chunk async for chunk in limited_body(request, limits.max_body_bytes)]
+    return parse_json_object(b"".join(chunks), limits)
 
 
 async def encode_stream(
@@ -405,7 +407,7 @@ def build_api(
         # The body is parsed by hand (and declared in the OpenAPI document above) so that every
         # mistake gets our message, code and `param` rather than FastAPI's generic 422.
         request_id = request_id_of(request)
-        body = await read_json_body(request, backend.limits.max_body_bytes)
+        body = await read_json_body(request, backend.limits)
         generate_request = parse_request(body)
         if not generate_request.stream:
             response = await backend.generate_response(generate_request, request_id)
@@ -429,7 +431,7 @@ def build_api(
     )
     async def validate(request: Request, backend: Backend = backend_dependency) -> Response:
         # The same intake as POST /v1/generate, so a request refused there is refused here alike.
-        body = await read_json_body(request, backend.limits.max_body_bytes)
+        body = await read_json_body(request, backend.limits)
         resolved = await backend.validate_request(parse_request(body), request_id_of(request))
         return JSONResponse(resolved.model_dump())
 
@@ -462,7 +464,9 @@ def build_api(
         response_class=StreamingResponse,
     )
     async def watch(request: Request, backend: Backend = backend_dependency) -> Response:
-        generate_request = parse_request({**request.query_params, "stream": True})
+        query = dict(request.query_params)
+        check_tree(query, backend.limits)
+        generate_request = parse_request({**query, "stream": True})
         return await start_stream(backend, generate_request, request_id_of(request), FRAMES)
 
     @app.post(
@@ -476,7 +480,7 @@ def build_api(
         request: Request, backend: Backend = backend_dependency
     ) -> Response:
         with openai_errors():
-            body = await read_json_body(request, backend.limits.max_body_bytes)
+            body = await read_json_body(request, backend.limits)
             images_request = parse_images_request(body)
             can_store = backend.output_store is not None
             generate_request = to_generate_request(
@@ -512,7 +516,7 @@ def build_api(
     )
     async def embeddings(request: Request, backend: Backend = backend_dependency) -> Response:
         with openai_errors():
-            body = await read_json_body(request, backend.limits.max_body_bytes)
+            body = await read_json_body(request, backend.limits)
             embeddings_request = parse_embeddings_request(body, backend.limits)
             response = await backend.create_embeddings(embeddings_request, request_id_of(request))
             check_dimensions(embeddings_request, response)

@@ -259,7 +259,9 @@ class GenerateRequest(BaseModel):
     @property
     def image_fields(self) -> dict[str, str]:
         """The request's image inputs by field name (what a provider model cannot take)."""
-        images = {name: getattr(self, name) for name in IMAGE_INPUTS if getattr(self, name)}
+        # "" is an image field given empty, refused by the intake (`empty_image`); only null or
+        # an absent field means no image.
+        images = {n: getattr(self, n) for n in IMAGE_INPUTS if getattr(self, n) is not None}
         if self.noise_mask is not None and self.noise_mask.image is not None:
             images["noise_mask.image"] = self.noise_mask.image
         for index, control in enumerate(self.controlnet):

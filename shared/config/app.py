@@ -21,7 +21,16 @@ class EncoderConfig(StrictConfig):
     batch_wait_timeout_s: float = Field(
         0.005, ge=0, le=1, description="How long a batch waits to fill."
     )
-    cache_entries: int = Field(1024, ge=0, le=1_000_000, description="Embedding LRU size.")
+    cache_entries: int = Field(
+        1024, ge=0, le=1_000_000, description="Most entries in the embedding LRU."
+    )
+    cache_bytes: int = Field(
+        256 * 2**20,
+        ge=0,
+        le=64 * 2**30,
+        description="Most bytes the embedding LRU holds (an SDXL prompt's embeddings are about "
+        "1.3 MB); exported as `encoder_cache_bytes`.",
+    )
 
 
 class BatchingConfig(StrictConfig):

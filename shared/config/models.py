@@ -46,6 +46,75 @@ class LimitsConfig(StrictConfig):
     max_controlnets: int = Field(
         3, ge=0, le=8, description="Most ControlNets one request may apply."
     )
+    # ---- JSON bodies: checked while parsing, so no parser exception ever escapes.
+    max_json_depth: int = Field(
+        32, ge=4, le=512, description="Deepest nesting of objects and arrays in a JSON body."
+    )
+    max_json_number_chars: int = Field(
+        64, ge=20, le=4000, description="Longest number literal in a JSON body (characters)."
+    )
+    max_json_array_items: int = Field(
+        1024, ge=16, le=1_000_000, description="Most items in one JSON array."
+    )
+    max_json_object_keys: int = Field(
+        256, ge=16, le=100_000, description="Most keys in one JSON object."
+    )
+    max_json_key_chars: int = Field(
+        256, ge=16, le=100_000, description="Longest key in a JSON object (characters)."
+    )
+    # ---- input images: checked from the file's bytes before any pixel is decoded.
+    min_image_side: int = Field(
+        8, ge=1, le=1024, description="Shortest side an input image may have, in pixels."
+    )
+    max_image_aspect: float = Field(
+        16.0,
+        ge=1.0,
+        le=1024.0,
+        description="Largest ratio of an input image's long side to its short side.",
+    )
+    max_jpeg_scans: int = Field(
+        64,
+        ge=1,
+        le=10_000,
+        description="Most scans (SOS markers) in a JPEG: a progressive file's decode cost grows "
+        "with them (encoders write about 10).",
+    )
+    max_png_chunks: int = Field(
+        4096,
+        ge=8,
+        le=1_000_000,
+        description="Most chunks in a PNG (encoders write one IDAT per 8-64 KB).",
+    )
+    max_image_metadata_bytes: int = Field(
+        1_000_000,
+        ge=1024,
+        le=100_000_000,
+        description="Most bytes of metadata in an input image: PNG ancillary chunks, JPEG "
+        "APPn/COM segments, WebP EXIF/ICCP/XMP chunks, and any one decompressed text or ICC "
+        "profile.",
+    )
+    max_image_frames: int = Field(
+        100,
+        ge=1,
+        le=10_000,
+        description="Most frames in an animated PNG or WebP (only the first is used).",
+    )
+    decode_workers: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Threads that decode input images, per Router replica; unset = CPU cores. "
+        "They run at a lower CPU priority than the event loop.",
+    )
+    decode_wait_s: float = Field(
+        2.0,
+        ge=0,
+        le=60,
+        description="Longest a request waits for a free decode worker before a 429.",
+    )
+    decode_timeout_s: float = Field(
+        5.0, gt=0, le=120, description="Longest one request's images may take to decode."
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> LimitsConfig:

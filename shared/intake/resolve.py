@@ -6,7 +6,6 @@ saying what is allowed. Nothing is silently "fixed": a height of 1000 is refused
 
 from __future__ import annotations
 
-import json
 import secrets
 from typing import Any
 
@@ -14,23 +13,10 @@ from pydantic import BaseModel, ValidationError
 
 from shared.api.schemas import FieldConflict, GenerateRequest, RefinerSpec
 from shared.config import LimitsConfig, ModelConfig
-from shared.errors import InvalidRequestError, MalformedRequestError, PayloadTooLargeError
+from shared.errors import InvalidRequestError
 
 # Codes kept from before these fields were literals, so clients that match on them still work.
 _LITERAL_CODES = {"scheduler": "unknown_scheduler"}
-
-
-def parse_body(body: bytes, max_bytes: int) -> dict[str, Any]:
-    """Decode a JSON object body, refusing oversized or malformed input with a 4xx."""
-    if len(body) > max_bytes:
-        raise PayloadTooLargeError(f"request body is {len(body)} bytes; the limit is {max_bytes}")
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MalformedRequestError(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise MalformedRequestError("request body must be a JSON object")
-    return data
 
 
 def parse_request(data: dict[str, Any] | GenerateRequest) -> GenerateRequest:

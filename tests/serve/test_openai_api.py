@@ -77,7 +77,7 @@ def test_refusals_arrive_as_the_sdks_typed_errors(sdk: openai.OpenAI) -> None:
         sdk.images.generate(model="tiny", prompt=PROMPT, background="transparent")
     assert transparent.value.code == "unsupported_value"
     assert "transparent" in transparent.value.message
-    with pytest.raises(openai.BadRequestError) as unknown:
+    with pytest.raises(openai.NotFoundError) as unknown:
         sdk.images.generate(model="no-such-model", prompt=PROMPT)
     assert unknown.value.code == "model_not_found"
     with pytest.raises(openai.BadRequestError) as size:

@@ -13,9 +13,9 @@ import yaml
 from shared.api.schemas import GenerateRequest
 from shared.config import AppConfig, ControlNetConfig, LimitsConfig, ModelConfig
 from shared.errors import InvalidRequestError, MalformedRequestError, PayloadTooLargeError
+from shared.intake.json_body import parse_json_object
 from shared.intake.resolve import (
     check_remote_request,
-    parse_body,
     parse_request,
     resolve_request,
 )
@@ -141,13 +141,14 @@ def test_schema_errors_become_picklable_errors() -> None:
 
 
 def test_bodies_are_parsed_strictly() -> None:
-    assert parse_body(b'{"a": 1}', 100) == {"a": 1}
+    limits = LimitsConfig(max_body_bytes=1024)
+    assert parse_json_object(b'{"a": 1}', limits) == {"a": 1}
     with pytest.raises(MalformedRequestError):
-        parse_body(b"{oops", 100)
+        parse_json_object(b"{oops", limits)
     with pytest.raises(MalformedRequestError):
-        parse_body(b"[]", 100)
+        parse_json_object(b"[]", limits)
     with pytest.raises(PayloadTooLargeError):
-        parse_body(b" " * 101, 100)
+        parse_json_object(b" " * 1025, limits)
 
 
 def test_rayservice_manifest_embeds_a_valid_app() -> None:
