@@ -83,15 +83,16 @@ class LimitsConfig(StrictConfig):
         4096,
         ge=8,
         le=1_000_000,
-        description="Most chunks in a PNG (encoders write one IDAT per 8-64 KB).",
+        description="Most chunks in a PNG (encoders write one IDAT per 8-64 KB), and most "
+        "marker segments in a JPEG or chunks in a WebP.",
     )
     max_image_metadata_bytes: int = Field(
         1_000_000,
         ge=1024,
         le=100_000_000,
-        description="Most bytes of metadata in an input image: PNG ancillary chunks, JPEG "
-        "APPn/COM segments, WebP EXIF/ICCP/XMP chunks, and any one decompressed text or ICC "
-        "profile.",
+        description="Most bytes of metadata in an input image, in total: PNG ancillary chunks "
+        "(compressed text and ICC profiles counted inflated), JPEG APPn/COM segments, WebP "
+        "EXIF/ICCP/XMP chunks.",
     )
     max_image_frames: int = Field(
         100,

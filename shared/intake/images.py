@@ -3,8 +3,9 @@ prompt, edit image) is decoded, checked against the limits, normalised and fitte
 
 Torch-free (numpy + Pillow) so the Router can run it at the edge. Every check that can be made
 before decoding is: the base64 length before `b64decode`, the format from magic bytes before
-Pillow sees the file, the pixel count from the header before `load()`. So an oversized string,
-a decompression bomb or a file in another format costs milliseconds and no memory.
+Pillow sees the file, then the file's structure (`image_caps`: size, aspect, scans, chunks,
+metadata, frames) before `Image.open`. So an oversized string, a decompression bomb, a thousand-
+scan JPEG or a file in another format costs milliseconds and no memory.
 """
 
 from __future__ import annotations
@@ -14,18 +15,20 @@ import binascii
 import io
 import math
 import re
-import struct
 
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
+from PIL.PngImagePlugin import MAX_TEXT_CHUNK, MAX_TEXT_MEMORY
 
 from shared.config.models import LimitsConfig
 from shared.errors import (
     InvalidRequestError,
     MalformedRequestError,
     PayloadTooLargeError,
+    ServeError,
     UnsupportedMediaTypeError,
 )
+from shared.intake.image_caps import check_decode_cost, check_size, too_large
 
 ACCEPTED = "PNG, JPEG or WebP"
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
@@ -41,8 +44,10 @@ def decode_image(data: str, *, param: str, limits: LimitsConfig) -> Image.Image:
 
     Remote URLs are refused (the server fetches nothing on a user's behalf). The result has EXIF
     orientation applied and mode "RGBA" if the file has alpha, "L" if grayscale, else "RGB".
-    Animated WebP gives its first frame. Errors name `param`: 422 `remote_image_not_allowed`,
-    413 `image_too_large`, 415 `unsupported_image`, 400 `invalid_image`.
+    An animated PNG or WebP gives its first frame. Errors name `param`: 422 `empty_image`,
+    422 `remote_image_not_allowed`, 413 `image_too_large`, 415 `unsupported_image`, 400
+    `invalid_image`, and `check_decode_cost`'s: 422 `image_aspect_ratio`, `image_too_small`,
+    `too_many_scans`, `too_many_chunks`, `too_many_frames`, 413 `image_metadata_too_large`.
     """
     start = _payload_start(data, param)
     length = len(data) - start
@@ -55,28 +60,30 @@ def decode_image(data: str, *, param: str, limits: LimitsConfig) -> Image.Image:
             param=param,
         )
     raw = _b64decode(data[start:], param)
+    if not raw:
+        raise _empty(param, data)
     fmt = _sniff(raw, param)
-    if fmt == "WEBP":
-        # Pillow's WebP decoder allocates the whole canvas inside Image.open, so the header check
-        # below would come too late; read the canvas size from the RIFF header first.
-        _check_pixels(_webp_size(raw), param, limits)
+    # Before Image.open: Pillow walks PNG chunks and JPEG headers in Python and allocates a WebP
+    # canvas while opening, so a bad file must be refused from its bytes alone.
+    check_decode_cost(raw, fmt, param, limits)
     try:
         img = Image.open(io.BytesIO(raw), formats=[fmt])
     except Image.DecompressionBombError:
         # Over twice Pillow's MAX_IMAGE_PIXELS; Pillow only warns between 1x and 2x, but
-        # LimitsConfig caps max_image_pixels below 1x, so such an image fails _check_pixels.
+        # LimitsConfig caps max_image_pixels below 1x, so such an image fails check_size.
         over = 2 * (Image.MAX_IMAGE_PIXELS or 0)
-        raise _too_large(param, limits, f"over {over:,} pixels (a decompression bomb)") from None
-    except Exception:
-        raise _invalid(param, f"is not a readable {fmt} file") from None
-    _check_pixels(img.size, param, limits)
+        raise too_large(param, limits, f"over {over:,} pixels (a decompression bomb)") from None
+    except Exception as exc:
+        raise _pillow_error(exc, param, f"is not a readable {fmt} file") from None
+    # The header walk found the same size; this covers a header it could not find.
+    check_size(img.size, param, limits)
     try:
         # LOAD_TRUNCATED_IMAGES is left False (Pillow's default): a truncated file raises here
         # instead of loading with its missing rows painted gray.
         img.load()
         return _normalise_mode(ImageOps.exif_transpose(img))
-    except Exception:
-        raise _invalid(param, f"is a corrupt or truncated {fmt} file") from None
+    except Exception as exc:
+        raise _pillow_error(exc, param, f"is a corrupt or truncated {fmt} file") from None
 
 
 def fit_image(img: Image.Image, width: int, height: int) -> Image.Image:
@@ -196,9 +203,7 @@ def _sniff(raw: bytes, param: str) -> str:
             return fmt
     if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
         return "WEBP"
-    if not raw:
-        got = "an empty file"
-    elif raw.lstrip()[:1] == b"<":
+    if raw.lstrip()[:1] == b"<":
         got = "SVG, XML or HTML text"
     elif raw[4:8] == b"ftyp":
         got = "a HEIC or AVIF file"
@@ -209,31 +214,28 @@ def _sniff(raw: bytes, param: str) -> str:
     )
 
 
-def _webp_size(raw: bytes) -> tuple[int, int] | None:
-    """Canvas size from a WebP's first chunk (VP8, VP8L or VP8X), None if it has none."""
-    chunk = raw[12:16]
-    if chunk == b"VP8X" and len(raw) >= 30:
-        return int.from_bytes(raw[24:27], "little") + 1, int.from_bytes(raw[27:30], "little") + 1
-    if chunk == b"VP8L" and len(raw) >= 25 and raw[20] == 0x2F:
-        bits = struct.unpack("<I", raw[21:25])[0]
-        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
-    if chunk == b"VP8 " and len(raw) >= 30 and raw[23:26] == b"\x9d\x01\x2a":
-        width, height = struct.unpack("<HH", raw[26:30])
-        return width & 0x3FFF, height & 0x3FFF
-    return None
-
-
-def _check_pixels(size: tuple[int, int] | None, param: str, limits: LimitsConfig) -> None:
-    if size is not None and size[0] * size[1] > limits.max_image_pixels:
-        raise _too_large(param, limits, f"{size[0]}x{size[1]} ({size[0] * size[1]:,} pixels)")
-
-
-def _too_large(param: str, limits: LimitsConfig, got: str) -> PayloadTooLargeError:
-    return PayloadTooLargeError(
-        f"{param} is {got}; the limit is {limits.max_image_pixels:,} pixels",
-        code="image_too_large",
+def _empty(param: str, data: str) -> InvalidRequestError:
+    what = "an empty string" if not data.strip() else "a data: URL with no data"
+    return InvalidRequestError(
+        f"{param} is {what}; send base64 image data, or leave the field out (null) to give no "
+        "image",
+        code="empty_image",
         param=param,
     )
+
+
+def _pillow_error(exc: Exception, param: str, what: str) -> ServeError:
+    """Pillow's exception as ours: its text and ICC limits (MAX_TEXT_CHUNK for one inflated
+    chunk, MAX_TEXT_MEMORY for all text) are a metadata bomb (413); anything else is a bad file."""
+    if isinstance(exc, ValueError) and "MAX_TEXT_" in str(exc):
+        return PayloadTooLargeError(
+            f"{param} carries compressed text or ICC profiles that inflate past the decoder's "
+            f"limits ({MAX_TEXT_CHUNK:,} bytes each, {MAX_TEXT_MEMORY:,} in all); strip the "
+            "metadata and send it again",
+            code="image_metadata_too_large",
+            param=param,
+        )
+    return _invalid(param, what)
 
 
 def _invalid(param: str, what: str) -> MalformedRequestError:

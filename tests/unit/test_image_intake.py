@@ -127,12 +127,21 @@ def test_truncated_and_corrupt_files_are_invalid() -> None:
         (encode(Image.new("RGB", (4, 4)), "BMP"), "BMP"),
         (encode(Image.new("RGB", (4, 4)), "TIFF"), "TIFF"),
         (base64.b64encode(b"\0\0\0\x18ftypheic" + b"\0" * 16).decode(), "HEIC"),
-        ("", "empty"),
     ],
 )
 def test_other_formats_are_unsupported(data: str, named: str) -> None:
     error = refused(data, 415, "unsupported_image")
     assert named in error.message and "PNG, JPEG or WebP" in error.message
+
+
+@pytest.mark.parametrize(
+    "data", ["", "   ", "\n", "data:image/png;base64,", "DATA:image/webp;BASE64, \n"]
+)
+def test_an_empty_image_is_its_own_error(data: str) -> None:
+    # Was 415 `unsupported_image` ("got an empty file"): callers now pass "" through, and an
+    # empty field is a mistake about the field (leave it out), not about the file's format.
+    error = refused(data, 422, "empty_image")
+    assert "null" in error.message
 
 
 @pytest.mark.parametrize(
@@ -226,8 +235,10 @@ def test_modes_are_normalised() -> None:
     assert decoded(Image.fromarray(noise(8, 8, 1)).convert("LA")).mode == "RGBA"
     assert decoded(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG").mode == "RGB"
     assert decoded(Image.new("P", (8, 8))).mode == "RGB"
-    wide = Image.fromarray(np.array([[0, 257 * 100, 65535]], dtype=np.uint16))
-    assert np.array(decoded(wide)).tolist() == [[0, 100, 255]]
+    # 8x8, not 3x1: min_image_side now refuses a side under 8 pixels.
+    levels = np.zeros((8, 8), dtype=np.uint16)
+    levels[0, :3] = (0, 257 * 100, 65535)
+    assert np.array(decoded(Image.fromarray(levels)))[0, :3].tolist() == [0, 100, 255]
 
 
 def test_an_animated_webp_gives_its_first_frame() -> None:
