@@ -26,6 +26,7 @@ from shared.api.jobs import PromptEmbeddings
 from shared.caching import ByteLRU
 from shared.config import AppConfig
 from shared.errors import InvalidRequestError
+from shared.memory import bound_heap_growth
 from shared.weights.loader import REFINER_INDEX, TEXT_COMPONENTS
 
 if TYPE_CHECKING:
@@ -91,6 +92,7 @@ class ClipEncoder:
         from shared.engine.build import build_image_encoder, build_prompt_encoder
         from shared.engine.modules import pick_device
 
+        bound_heap_growth()  # large images must not ratchet the replica's RSS up
         self._config = config
         self._cache = cache
         self._build = build_prompt_encoder

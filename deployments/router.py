@@ -12,10 +12,11 @@ import asyncio
 import logging
 import os
 import secrets
+import sys
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from ray import serve
 from ray.exceptions import RayActorError
@@ -63,20 +64,23 @@ from shared.errors import (
     UnavailableError,
 )
 from shared.intake.decode_pool import decode_pool
-from shared.intake.images import decode_image, rgb_pixels
+from shared.intake.images import decode_image
 from shared.intake.json_body import check_tree
 from shared.intake.request_images import (
     DecodedImages,
+    clip_pixels,
     decode_images,
     image_prompt_pixels,
     job_images,
     with_image_size,
 )
 from shared.intake.resolve import check_remote_request, parse_request, resolve_request
+from shared.memory import bound_heap_growth
 from shared.providers.config import ProviderConfigBase
 from shared.storage import OutputStore
 
 logger = logging.getLogger("ray.serve")
+T = TypeVar("T")
 READY_TIMEOUT_S = 5.0
 
 
@@ -131,7 +135,7 @@ def _embedding_items(request: EmbeddingsRequest, limits: LimitsConfig) -> list[A
     for index, item in enumerate(request.inputs):
         if is_image_input(item):
             param = "input" if isinstance(request.input, str) else f"input.{index}"
-            items.append(rgb_pixels(decode_image(item, param=param, limits=limits)))
+            items.append(clip_pixels(decode_image(item, param=param, limits=limits)))
         else:
             items.append(item)
     return items
@@ -197,6 +201,7 @@ class _Resolved:
     images: DecodedImages
     fields: dict[str, Any]  # the DenoiseJob fields of its image inputs, fitted to its size
     record: RequestRecord
+    image_prompt: Any  # uint8 RGB for ClipEncoder (`clip_pixels`), or None
 
 
 def _fit_images(request: GenerateRequest, images: DecodedImages) -> _Resolved:
@@ -207,7 +212,12 @@ def _fit_images(request: GenerateRequest, images: DecodedImages) -> _Resolved:
         name: fields[name] for name in ("strength", "start_noise") if name in fields
     }
     request = request.model_copy(update=defaults)
-    return _Resolved(request, images, fields, request_record(request, images))
+    record = request_record(request, images)
+    return _Resolved(request, images, fields, record, image_prompt_pixels(images))
+
+
+async def _inline(fn: Callable[..., T], *args: object) -> T:
+    return fn(*args)
 
 
 def _steps_run(request: GenerateRequest) -> int:
@@ -230,6 +240,8 @@ class Router:
         cache: DeploymentHandle,
         providers: dict[str, DeploymentHandle] | None = None,
     ) -> None:
+        bound_heap_growth()  # large bodies must not ratchet the replica's RSS up
+        sys.setswitchinterval(0.0005)
         self._config = config
         self._local: dict[str, ModelConfig] = {m.id: m for m in config.models}
         self._encoder = encoder
@@ -433,9 +445,10 @@ class Router:
         """Everything before encoding: images decoded and checked, every default filled in,
         limits and the model's abilities checked. Generation and validation share it."""
         limits = self._config.limits
-        # Images are decoded in the bounded, low-priority intake pool, never on the event loop.
-        pool = decode_pool(limits)
-        images = await pool.run(decode_images, request, limits)
+        # Images are decoded in the bounded, low-priority intake pool, never on the event loop;
+        # a request without any has nothing to wait for there.
+        run = decode_pool(limits).run if request.image_fields else _inline
+        images = await run(decode_images, request, limits)
         request = with_image_size(request, images, limits)
         size = await self._default_size(model, request)
         request = resolve_request(request, model, limits, size)
@@ -446,7 +459,7 @@ class Router:
                 code="image_prompt_unsupported",
                 param="image_prompt",
             )
-        return await pool.run(_fit_images, request, images)
+        return await run(_fit_images, request, images)
 
     async def _estimate(self, request: GenerateRequest, model: ModelConfig) -> Estimate:
         """Queue and run time from the step times measured on the replica that would take the
@@ -582,7 +595,7 @@ class Router:
         request = resolved.request
         assert request.seed is not None and request.width and request.height and request.steps
         fields = dict(resolved.fields)
-        prompt = image_prompt_pixels(resolved.images)
+        prompt = resolved.image_prompt
         pair = (model.id, request.prompt, request.negative_prompt)
         calls = {"text": self._encoder.encode.remote(*pair)}
         if request.refiner is not None:

@@ -35,6 +35,8 @@ from shared.intake.resolve import check_controlnet_count
 IMG2IMG_STRENGTH = 0.8  # A1111's and most UIs' default; diffusers' img2img example uses 0.3-0.8
 INPAINT_STRENGTH = 1.0  # repaint the masked region from noise (9-channel models expect it)
 START_NOISE = 0.7
+# Twice CLIP's 224 px input: images larger than this gain nothing from crossing at full size.
+CLIP_MAX_SHORT_SIDE = 448
 
 
 @dataclass
@@ -131,6 +133,19 @@ def control_inputs(request: GenerateRequest, decoded: DecodedImages) -> list[Con
     return controls
 
 
+def clip_pixels(image: Image.Image) -> np.ndarray:
+    """An image for a CLIP vision encoder (image prompts, embeddings) as uint8 RGB: at its own
+    size when its shorter side is at most `CLIP_MAX_SHORT_SIDE`, else reduced to that (Lanczos,
+    keeping its aspect), so a 16-megapixel upload crosses to ClipEncoder as well under a
+    megapixel. The encoder's processor then resizes it to its own input (224 px for CLIP)."""
+    short = min(image.size)
+    if short > CLIP_MAX_SHORT_SIDE:
+        scale = CLIP_MAX_SHORT_SIDE / short
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    return rgb_pixels(image)
+
+
 def image_prompt_pixels(decoded: DecodedImages) -> np.ndarray | None:
-    """The image prompt as uint8 RGB at its own size: the CLIP processor resizes it."""
-    return rgb_pixels(decoded.image_prompt) if decoded.image_prompt is not None else None
+    """The image prompt as `clip_pixels` gives it; None without one."""
+    return clip_pixels(decoded.image_prompt) if decoded.image_prompt is not None else None
