@@ -12,7 +12,6 @@ import asyncio
 import logging
 import os
 import secrets
-import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
@@ -241,7 +240,6 @@ class Router:
         providers: dict[str, DeploymentHandle] | None = None,
     ) -> None:
         bound_heap_growth()  # large bodies must not ratchet the replica's RSS up
-        sys.setswitchinterval(0.0005)
         self._config = config
         self._local: dict[str, ModelConfig] = {m.id: m for m in config.models}
         self._encoder = encoder
