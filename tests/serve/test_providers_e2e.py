@@ -88,11 +88,11 @@ def test_models_list_includes_providers(cloud_url: str) -> None:
     assert ready["providers"] == {"openai": "closed", "runware": "closed"}
 
 
-def test_unknown_provider_model_is_422(cloud_url: str) -> None:
+def test_unknown_provider_model_is_404(cloud_url: str) -> None:
     response = httpx.post(
         f"{cloud_url}/v1/generate", timeout=30, json={"model": "openai/nope", "prompt": "a"}
     )
-    assert response.status_code == 422
+    assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
     assert "openai/gpt-image-1" in response.json()["error"]["message"]
 
 
