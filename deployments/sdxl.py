@@ -3,8 +3,10 @@
 Every request of the replica goes to its one `StepBatcher`, whose loop runs in its own thread and
 serves all compatible requests with one UNet call per step; each request's events cross back to
 the replica's event loop with `call_soon_threadsafe`. When a caller goes away Serve cancels its
-generator at an `await`, the `finally` sets the request's flag, and the batcher drops it before
-the next step while the others go on.
+generator at an `await`, the `finally` sets the request's flag and withdraws it from the queue if
+it still waits; a running one is dropped before the next step while the others go on. Serve's
+periodic `check_health` fails when the batcher's thread died or is stuck, so Serve replaces
+the replica.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from shared.api.schemas import (
     StepEvent,
 )
 from shared.config import AppConfig
-from shared.errors import GenerationError, RequestCancelledError
+from shared.errors import GenerationError, RequestCancelledError, UnavailableError
 from shared.weights.loader import ENGINE_COMPONENTS
 
 if TYPE_CHECKING:
@@ -264,6 +266,8 @@ class SDXLPipeline:
             raise
         finally:
             sink.flag.set()
+            if status == "cancelled" and self._batcher.withdraw(sink):
+                self._queue_depth.set(self._batcher.depth()[0])
             record["status"] = status
             self._outcomes.inc(tags={"outcome": status})
 
@@ -283,7 +287,16 @@ class SDXLPipeline:
         }
 
     async def ping(self) -> str:
+        await self.check_health()
         return "ok"
+
+    async def check_health(self) -> None:
+        """Called by Serve every `health_check_period_s`: raising marks this replica unhealthy
+        and Serve replaces it. It raises when the step batcher's thread died or is stuck."""
+        problem = self._batcher.health()
+        if problem is not None:
+            logger.error("SDXLPipeline replica %s is unhealthy: %s", _replica_id(), problem)
+            raise UnavailableError(problem)
 
     async def model_runtime(self, model_id: str, engine_facts: bool = True) -> dict[str, Any]:
         """How this replica runs `model_id`: `runtime` (device, GPU ids, UNet and VAE dtypes,

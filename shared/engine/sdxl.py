@@ -18,6 +18,7 @@ load them from the object store and tests can pass the tiny model.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,10 +69,16 @@ from shared.engine.previews import (
 )
 from shared.engine.refiner import Refiner, base_steps, refiner_start, time_ids
 from shared.engine.samplers import build_scheduler, step_kwargs
-from shared.errors import InvalidRequestError, RequestCancelledError, ServeError
+from shared.errors import (
+    GenerationError,
+    InvalidRequestError,
+    RequestCancelledError,
+    ServeError,
+)
 from shared.imaging import encode_image, to_pil
 
 StepHook = Callable[[StepEvent], None]
+logger = logging.getLogger(__name__)
 LATENT_CHANNELS = 4  # SDXL's VAE; a 9-channel inpainting UNet adds mask + masked-image latents
 
 
@@ -129,6 +136,7 @@ class Denoising:
     started: float = 0.0  # perf_counter at its first step
     denoise_ms: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+    preview_failures: int = 0  # previews that could not be made (and were dropped)
 
     @property
     def total(self) -> int:
@@ -237,6 +245,8 @@ class SDXLEngine:
         while not state.finished:
             _raise_if_cancelled(job, cancelled)
             (event,) = self.step([state])
+            if isinstance(event, ServeError):
+                raise event
             emit(event)
         _raise_if_cancelled(job, cancelled)
         (outcome,) = self.decode([state])
@@ -295,11 +305,15 @@ class SDXLEngine:
             handoff=handoff,
         )
 
-    def step(self, states: list[Denoising]) -> list[StepEvent]:
-        """Advance every state by one step with a single UNet forward; one event per state.
+    def step(self, states: list[Denoising]) -> list[StepEvent | ServeError]:
+        """Advance every state by one step with a single UNet forward; one outcome per state.
 
         The states must share a size (`Denoising.size`); each keeps its own sampler, timestep,
-        guidance and generators, so the result of each equals its own step run alone.
+        guidance and generators, so the result of each equals its own step run alone. A state
+        whose sampler step fails or whose latents are not finite gets its error (it can only end
+        in a NaN image) without failing the others; a preview that cannot be made is dropped.
+        Nothing of any state changes before the UNet call returns, so a call that raises (out
+        of memory) can be retried with the same states.
         """
         if len({state.group for state in states}) != 1:
             raise ValueError("states of one UNet call must share a size, a UNet and a LoRA set")
@@ -310,19 +324,27 @@ class SDXLEngine:
             self.loras.activate(states[0].lora_set)
         with torch.inference_mode():
             outputs = self._denoise_step(states)
+            finite = _all_finite([o[0] if isinstance(o, tuple) else None for o in outputs])
             self._synchronize()
         step_ms = (time.perf_counter() - started) * 1000
-        events = []
-        for state, (latents, predicted) in zip(states, outputs, strict=True):
+        outcomes: list[StepEvent | ServeError] = []
+        for state, output, ok in zip(states, outputs, finite, strict=True):
+            if not isinstance(output, tuple):
+                outcomes.append(output)
+                continue
+            if not ok:
+                outcomes.append(_nan_latents(state))
+                continue
+            latents, predicted = output
             if state.done == 0:
                 state.started = started
             state.latents = latents
             state.done += 1
             state.denoise_ms = (time.perf_counter() - state.started) * 1000
-            events.append(self._event(state, predicted, step_ms))
+            outcomes.append(self._event(state, predicted, step_ms))
             if state.handoff is not None and state.index >= len(state.sampling.timesteps):
                 _hand_over(state)
-        return events
+        return outcomes
 
     def decode(self, states: list[Denoising]) -> list[ResultEvent | ServeError]:
         """Finish states with one VAE call; a state whose pixels are not finite gets its error
@@ -620,11 +642,11 @@ class SDXLEngine:
 
     # -- denoise ---------------------------------------------------------------------------
 
-    def _denoise_step(self, states: list[Denoising]) -> list[tuple[torch.Tensor, Any]]:
+    def _denoise_step(self, states: list[Denoising]) -> list[tuple[torch.Tensor, Any] | ServeError]:
         """One UNet call for every state, then each state's own guidance, scheduler step and
         corrections (inpainting's blend, injected noise); also returns each scheduler's x0
         prediction (when it makes one), which previews far better than the still-noisy
-        latents."""
+        latents. A state whose own part fails gets its error in place of its output."""
         inputs, control_inputs, timesteps, rows = [], [], [], []
         offset = 0
         for state in states:
@@ -671,12 +693,16 @@ class SDXLEngine:
             mid_block_additional_residual=residuals[1] if residuals else None,
             return_dict=False,
         )[0]
-        outputs = []
+        outputs: list[tuple[torch.Tensor, Any] | ServeError] = []
         offset = 0
         for state in states:
             own = noise[offset : offset + state.rows]
             offset += state.rows
-            outputs.append(self._scheduler_step(state, own))
+            try:
+                outputs.append(self._scheduler_step(state, own))
+            except Exception:  # one request's sampler never fails the others of the call
+                logger.exception("the sampler step of request %s failed", state.job.id)
+                outputs.append(ServeError(f"the sampler step of request {state.job.id} failed"))
         return outputs
 
     def _scheduler_step(self, state: Denoising, noise: torch.Tensor) -> tuple[torch.Tensor, Any]:
@@ -726,9 +752,18 @@ class SDXLEngine:
         previews = []
         if state.previewer is not None and (index % job.preview_every == 0 or state.finished):
             shown = predicted if predicted is not None else state.latents
-            previews = render_previews(
-                state.previewer, shown, (job.width, job.height), job.preview_max_side
-            )
+            try:
+                previews = render_previews(
+                    state.previewer, shown, (job.width, job.height), job.preview_max_side
+                )
+            except Exception as exc:  # a preview is best-effort: this one is dropped
+                state.preview_failures += 1
+                if state.preview_failures == 1:  # once per request, not once per step
+                    logger.warning(
+                        "dropped a preview of request %s (later ones are dropped silently): %r",
+                        job.id,
+                        exc,
+                    )
         return StepEvent(
             id=job.id,
             index=index,
@@ -783,6 +818,21 @@ def _hand_over(state: Denoising) -> None:
 def _kept_steps(job: DenoiseJob) -> int:
     """Steps an init image's `strength` keeps (diffusers: `int(steps * strength)`)."""
     return min(int(job.steps * job.strength), job.steps)
+
+
+def _all_finite(latents: list[torch.Tensor | None]) -> list[bool]:
+    """Whether each tensor is finite (None: nothing to check), with one device-to-host copy."""
+    checked = [torch.isfinite(t).all() for t in latents if t is not None]
+    flags = iter(torch.stack(checked).tolist() if checked else [])
+    return [True if t is None else bool(next(flags)) for t in latents]
+
+
+def _nan_latents(state: Denoising) -> GenerationError:
+    return GenerationError(
+        f"request {state.job.id}'s latents became NaN or infinite at step {state.done + 1} "
+        "(an fp16 overflow, broken weights or inputs); its image cannot be made",
+        code="nan_output",
+    )
 
 
 def _raise_if_cancelled(job: DenoiseJob, cancelled: Callable[[], bool]) -> None:
