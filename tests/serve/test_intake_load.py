@@ -217,10 +217,13 @@ def test_sixteen_worst_case_decodes_stall_neither_probes_nor_small_requests(
         f"validate p90 {percentile(loaded_small, 0.9) * 1000:.0f} ms, max "
         f"{loaded_small[-1] * 1000:.0f} ms"
     )
-    # Measured on the idle 2-core machine, this client's 16 uploads on the same cores: /healthz
-    # p50 10 ms, p90 22 ms, p99 28-60 ms, the slowest probes at the burst's arrival (16 bodies
-    # through Serve's proxy at once), not during the decodes; the small request's p90 about
-    # 60 ms, its slowest 125 ms. The targets hold at p90; p99 gets room for that arrival.
-    assert percentile(loaded_health, 0.9) < 0.05
-    assert percentile(loaded_health, 0.99) < 0.15
-    assert percentile(loaded_small, 0.9) < 0.2
+    # Measured on the 2-core machine with this client's 16 uploads on the same cores: quiet,
+    # /healthz p50 10 ms, p90 22 ms, p99 28-60 ms and the small request's slowest 125 ms; late in
+    # the full suite (other apps deployed on the same Ray), p50 23 ms, p90 59 ms, p99 169 ms,
+    # small request p90 184 ms. The slowest probes come at the burst's arrival (16 bodies
+    # through Serve's proxy at once), not during the decodes. The bounds below hold with that
+    # noise and still catch the stall they guard against: with decodes on the event loop,
+    # /healthz took 0.7 s and a small request 3.9 s.
+    assert percentile(loaded_health, 0.9) < 0.1
+    assert percentile(loaded_health, 0.99) < 0.3
+    assert percentile(loaded_small, 0.9) < 0.3
